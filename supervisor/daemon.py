@@ -1,0 +1,311 @@
+"""The daemon's life: listeners, the supervisor's own endpoints, signals, reload, drain, sd_notify.
+
+Signal handlers only set events or queue work; `serve()` owns every background task and cancels and
+awaits them in reverse order on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from aiohttp import web, web_protocol
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import config as cfg
+from . import logs
+from .errors import error_response
+from .proxy import Supervisor
+from .sd_notify import Notifier
+from .states import SERVING_STATES
+
+log = structlog.get_logger("supervisor.daemon")
+
+ADMIN_PATHS = ("/healthz", "/readyz", "/status", "/metrics")
+
+
+@dataclass
+class Environment:
+    """What the daemon takes from its process environment (read once, in cli)."""
+
+    base_env: dict[str, str]
+    notify_socket: str | None = None
+    watchdog_usec: str | None = None
+    watchdog_pid: str | None = None
+    runtime_directory: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class _JsonErrorHandler(web_protocol.RequestHandler):
+    """aiohttp's protocol handler, but malformed HTTP gets our JSON error shape."""
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        etype = {400: "bad_request", 413: "payload_too_large"}.get(status)
+        if etype is None:
+            log.error("internal_error", path=getattr(request, "path", None), exc_info=exc)
+            body = {"error": {"type": "internal_error", "message": "internal error in gpu-supervisor",
+                              "request_id": None}}
+            resp = web.json_response(body, status=status)
+        else:
+            detail = message or (str(exc) if exc else "malformed HTTP request")
+            resp = error_response(etype, f"malformed HTTP request: {detail}", None)
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __init__(self, handler, *, client_max_size: int, **kwargs):
+        super().__init__(handler, **kwargs)
+        self._client_max_size = client_max_size
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+    def _make_request(self, message, payload, protocol, writer, task) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
+                               client_max_size=self._client_max_size)
+
+
+def prepare_runtime_dir(configured: str | None, from_systemd: str | None) -> tuple[Path, bool]:
+    """A private (0700) directory for the worker's socket; the bool says whether we made it."""
+    base = configured or (from_systemd.split(":")[0] if from_systemd else None)
+    if base:
+        p = Path(base)
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(p, 0o700)
+        return p, False
+    return Path(tempfile.mkdtemp(prefix="gpu-supervisor-")), True
+
+
+class Daemon:
+    def __init__(self, loaded: cfg.LoadedConfig, env: Environment):
+        self.loaded = loaded
+        self.env = env
+        self.notifier = Notifier(env.notify_socket, env.watchdog_usec, env.watchdog_pid, os.getpid())
+        self.stop = asyncio.Event()
+        self.force_stop = asyncio.Event()
+        self.reload_wanted = asyncio.Event()
+        self.sup: Supervisor | None = None
+        self.bound: list[tuple[str, int]] = []
+        self._token: bytes | None = None
+
+    # -- endpoints -----------------------------------------------------------------------------
+    def _authorized(self, request: web.BaseRequest) -> bool:
+        if self._token is None:
+            return True
+        got = request.headers.get("Authorization", "")
+        return got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), self._token)
+
+    async def admin(self, request: web.BaseRequest) -> web.StreamResponse:
+        sup = self.sup
+        assert sup is not None
+        path = request.path
+        if request.method not in ("GET", "HEAD"):
+            return error_response("bad_request", f"{path} answers GET only", None)
+        if path == "/healthz":
+            return web.json_response({"status": "ok"})
+        if path == "/readyz":
+            ready, why = sup.readiness()
+            return web.json_response({"ready": ready, "because": why}, status=200 if ready else 503)
+        if not self._authorized(request):
+            return error_response("unauthorized", f"{path} needs Authorization: Bearer <admin.token_file token>",
+                                  None, headers={"WWW-Authenticate": "Bearer"})
+        if path == "/status":
+            return web.Response(body=json.dumps(sup.status(), indent=1).encode(), content_type="application/json")
+        return web.Response(body=generate_latest(sup.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _load_token(self) -> None:
+        tf = self.loaded.settings.admin.token_file
+        if tf is None:
+            self._token = None
+            return
+        token = Path(tf).read_text().strip()
+        if not token:
+            raise ValueError(f"admin.token_file {tf} is empty")
+        self._token = token.encode()
+
+    # -- life ----------------------------------------------------------------------------------
+    async def serve(self) -> int:
+        s = self.loaded.settings
+        runtime_dir, made = prepare_runtime_dir(s.runtime_dir, self.env.runtime_directory)
+        self._load_token()
+        sup = self.sup = Supervisor(self.loaded, runtime_dir, self.env.base_env)
+        split_admin = s.admin.listen is not None
+
+        async def main_handler(request: web.BaseRequest) -> web.StreamResponse:
+            if not split_admin and request.path in ADMIN_PATHS:
+                return await self.admin(request)
+            return await sup.handle(request)
+
+        async def admin_handler(request: web.BaseRequest) -> web.StreamResponse:
+            if request.path in ADMIN_PATHS:
+                return await self.admin(request)
+            return error_response("bad_request", f"no such admin endpoint {request.path}; "
+                                  f"use one of {', '.join(ADMIN_PATHS)}", None)
+
+        kw = dict(
+            handler_cancellation=True, access_log=None, client_max_size=s.limits.max_body_bytes,
+            max_field_size=s.limits.max_header_bytes, max_line_size=s.limits.max_header_bytes,
+            keepalive_timeout=s.limits.client_timeout_s,
+        )
+        runners: list[web.BaseRunner] = []
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task] = []
+        try:
+            for handler, listen in ((main_handler, s.listen),) + (((admin_handler, s.admin.listen),)
+                                                                   if split_admin else ()):
+                server = _Server(handler, **kw)
+                runner = web.ServerRunner(server, handle_signals=False)
+                await runner.setup()
+                runners.append(runner)
+                site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True, backlog=1024)
+                try:
+                    await site.start()
+                except OSError as exc:
+                    log.error("listen_failed", host=listen.host, port=listen.port, error=exc.strerror or str(exc))
+                    return 1
+                for sock in site._server.sockets:  # type: ignore[union-attr]
+                    addr = sock.getsockname()
+                    self.bound.append((addr[0], addr[1]))
+            log.info("listening", addresses=[f"{h}:{p}" for h, p in self.bound],
+                     admin=f"{self.bound[-1][0]}:{self.bound[-1][1]}" if split_admin else None,
+                     runtime_dir=str(runtime_dir), config=self.loaded.source, pid=os.getpid())
+            for sig, fn in ((signal.SIGTERM, self._on_stop_signal), (signal.SIGINT, self._on_stop_signal),
+                            (signal.SIGHUP, self.reload_wanted.set)):
+                loop.add_signal_handler(sig, fn)
+            tasks.append(asyncio.create_task(sup.worker.run(), name="worker"))
+            tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
+            tasks.append(asyncio.create_task(self._notify_ready(), name="notify"))
+            if self.notifier.watchdog_s:
+                tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+            for t in sup.background_tasks():
+                tasks.append(asyncio.create_task(t))
+            await self.stop.wait()
+            await self._drain()
+            return 0
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            if not sup.worker.stopped.is_set():
+                stopper = asyncio.create_task(sup.worker.shutdown())
+                done, _ = await asyncio.wait({stopper, asyncio.create_task(self.force_stop.wait())},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if stopper not in done:
+                    log.warning("forced_stop")
+            for t in reversed(tasks):
+                t.cancel()
+            for t in reversed(tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            for runner in reversed(runners):
+                await runner.cleanup()
+            if made:
+                with contextlib.suppress(OSError):
+                    for f in runtime_dir.iterdir():
+                        f.unlink()
+                    runtime_dir.rmdir()
+            self.notifier.close()
+            log.info("stopped")
+
+    def _on_stop_signal(self) -> None:
+        if self.stop.is_set():
+            log.warning("second_stop_signal", action="stopping now")
+            self.force_stop.set()
+            self.sup.drain_deadline_now()
+            return
+        log.info("stop_signal", action="draining")
+        self.stop.set()
+
+    async def _drain(self) -> None:
+        sup = self.sup
+        assert sup is not None
+        sup.accepting = False
+        self.notifier.send("STOPPING=1", "STATUS=draining")
+        timeout = sup.settings.drain.timeout_s
+        t0 = time.monotonic()
+        log.info("drain_started", queued=sup.queue.total, inflight=sup.queue.inflight(), timeout_s=timeout)
+        drained = await sup.wait_idle(timeout, self.force_stop)
+        log.info("drain_finished", drained=drained, left=sup.active, seconds=round(time.monotonic() - t0, 3))
+
+    async def _notify_ready(self) -> None:
+        sup = self.sup
+        assert sup is not None
+        await sup.worker.ready.wait()
+        self.notifier.send("READY=1", f"STATUS={self._status_line()}")
+        while True:
+            await asyncio.sleep(5)
+            self.notifier.send(f"STATUS={self._status_line()}")
+
+    def _status_line(self) -> str:
+        sup = self.sup
+        assert sup is not None
+        return (f"worker {sup.worker.state.value}, queue {sup.queue.total}, inflight {sup.queue.inflight()}, "
+                f"breaker {sup.breaker.state.value}")
+
+    async def _watchdog(self) -> None:
+        interval = (self.notifier.watchdog_s or 0) / 2
+        while True:
+            self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _reloader(self) -> None:
+        while True:
+            await self.reload_wanted.wait()
+            self.reload_wanted.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        sup = self.sup
+        assert sup is not None
+        now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={now_us}", "STATUS=reloading configuration")
+        try:
+            new = await asyncio.to_thread(cfg.load, self.loaded.source)
+        except cfg.ConfigError as exc:
+            log.error("config_reload_failed", config=exc.source, problems=exc.problems, action="kept the old one")
+            sup.metrics.config_reloads.labels("invalid").inc()
+            self.notifier.send("READY=1", f"STATUS=reload failed; {self._status_line()}")
+            return False
+        old = self.loaded.settings
+        if new.settings.listen != old.listen or new.settings.admin.listen != old.admin.listen:
+            log.warning("config_reload_listen_ignored", reason="a new listen address needs a restart")
+        if new.settings.logging != old.logging:
+            logs.configure(new.settings.logging.format, new.settings.logging.level)
+        self.loaded = new
+        try:
+            self._load_token()
+        except (OSError, ValueError) as exc:
+            log.error("admin_token_unreadable", error=str(exc))
+        worker_changed = new.settings.worker != old.worker
+        sup.apply(new)
+        sup.metrics.config_reloads.labels("applied").inc()
+        log.info("config_reloaded", digest=new.digest, generation=sup.config_generation,
+                 worker_replaced=worker_changed)
+        self.notifier.send("READY=1", f"STATUS={self._status_line()}")
+        return True
+
+
+def run(loaded: cfg.LoadedConfig, env: Environment) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        uvloop = None
+    d = Daemon(loaded, env)
+    if uvloop is not None:
+        return uvloop.run(d.serve())
+    return asyncio.run(d.serve())
+
+
+__all__ = ["Daemon", "Environment", "run", "SERVING_STATES"]

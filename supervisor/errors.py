@@ -1,0 +1,52 @@
+"""The answers the supervisor makes itself: one JSON shape, one table of types and statuses."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from .config import retry_after_seconds
+
+# type -> (status, carries Retry-After)
+ERROR_TYPES: dict[str, tuple[int, bool]] = {
+    "bad_request": (400, False),
+    "unauthorized": (401, False),
+    "payload_too_large": (413, False),
+    "queue_full": (429, True),
+    "overloaded": (503, True),
+    "circuit_open": (503, True),
+    "queue_timeout": (503, True),
+    "worker_unavailable": (503, True),
+    "shutting_down": (503, True),
+    "worker_crashed": (502, True),
+    "worker_error": (502, False),
+    "timeout": (504, False),
+}
+
+
+def error_response(
+    etype: str,
+    message: str,
+    request_id: str | None,
+    retry_after_s: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    status, with_retry = ERROR_TYPES[etype]
+    err: dict = {"type": etype, "message": message, "request_id": request_id}
+    hdrs = {"Content-Type": "application/json"}
+    if with_retry:
+        secs = retry_after_seconds(retry_after_s if retry_after_s is not None else 1.0)
+        err["retry_after_s"] = secs
+        hdrs["Retry-After"] = str(secs)
+    if request_id:
+        hdrs["X-Request-ID"] = request_id
+    if headers:
+        hdrs.update(headers)
+    return web.Response(status=status, body=json.dumps({"error": err}).encode(), headers=hdrs)
+
+
+def error_event(etype: str, message: str, request_id: str | None) -> bytes:
+    """The SSE event that ends a stream the worker broke off."""
+    body = json.dumps({"error": {"type": etype, "message": message, "request_id": request_id}})
+    return f"event: error\ndata: {body}\n\n".encode()

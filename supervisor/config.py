@@ -302,7 +302,7 @@ class Settings(_Model):
             shed = getattr(self.gpu.actions, lvl).shed_below
             if shed is not None and shed not in prios:
                 raise ValueError(f"gpu.actions.{lvl}.shed_below: {shed!r} is not one of {list(prios)}")
-        if self.admin.listen is not None and self.admin.listen == self.listen:
+        if self.admin.listen is not None and self.admin.listen == self.listen and self.listen.port != 0:
             raise ValueError("admin.listen: must differ from listen")
         return self
 

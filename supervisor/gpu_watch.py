@@ -233,10 +233,6 @@ class _Runner:
     def submit(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        if self._name.endswith("nvml"):
-            try: fut.set_result(fn())
-            except Exception as e: fut.set_exception(e)
-            return fut
         if self._thread is None:
             self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
             self._thread.start()

@@ -356,12 +356,17 @@ class Supervisor:
                 outcome_ok = conn.status < 500 and not oom
                 headers = self._response_headers(conn.headers, rid, queued_s, attempt)
                 if conn.complete:
-                    status, data = conn.status, conn.take_buffered()
+                    status, data, conn_headers = conn.status, conn.take_buffered(), conn.headers
                     inc.pool.put(conn)
                     conn = None
                     now = time.monotonic()
                     self.breaker.record(outcome_ok, now - t_start, now)
                     recorded = True
+                    if request.method == "HEAD":
+                        for k, v in conn_headers:
+                            if k.lower() == b"content-length":
+                                headers["Content-Length"] = v.decode("latin-1")
+                        return web.Response(status=status, headers=headers)
                     return web.Response(status=status, body=data, headers=headers)
                 recorded = True  # _stream records the outcome once the body has ended
                 return await self._stream(request, conn, inc, headers, rid, tm, t_start, outcome_ok)
@@ -408,15 +413,19 @@ class Supervisor:
         head = self._request_head(request, rid, body)
         for _ in range(2):
             conn, reused = await inc.pool.get()
-            fut = conn.start(head, body, request.method == "HEAD")
-            if body is None:
-                await self._stream_body(request, conn)
             try:
+                fut = conn.start(head, body, request.method == "HEAD")
+                if body is None:
+                    await self._stream_body(request, conn)
                 await fut
             except UpstreamError as exc:
+                conn.abort()
                 # a kept-alive connection the worker had closed: try once on a fresh one
                 if reused and body is not None and exc.kind == "reset" and not exc.started:
                     continue
+                raise
+            except BaseException:
+                conn.abort()  # timeout or the client left: closing tells the worker to stop
                 raise
             return conn
         raise UpstreamError("reset", "worker closed the connection")

@@ -1,8 +1,9 @@
 """The bounded priority queue and the concurrency slots (pools) that requests wait for.
 
 One FIFO per (pool, level); a higher level is always granted first; counts are global so the level
-and total bounds hold across pools. Removal is lazy (a cancelled ticket is skipped when popped), so
-enqueue, cancel and grant are O(1) however many requests wait. No clock inside: callers pass `now`.
+and total bounds hold across pools. Removal is lazy (a cancelled ticket is skipped when popped, and a
+FIFO mostly made of cancelled tickets is compacted), so enqueue, cancel and grant are O(1) amortised
+however many requests wait. No clock inside: callers pass `now`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Ticket:
 
 
 class Pool:
-    __slots__ = ("name", "size", "cap", "in_use", "waiting", "levels", "svc_ewma")
+    __slots__ = ("name", "size", "cap", "in_use", "waiting", "levels", "live", "svc_ewma")
 
     def __init__(self, name: str, size: int, n_levels: int):
         self.name = name
@@ -38,6 +39,7 @@ class Pool:
         self.in_use = 0
         self.waiting = 0
         self.levels: list[deque[Ticket]] = [deque() for _ in range(n_levels)]
+        self.live = [0] * n_levels  # WAITING tickets per level (the deques also hold cancelled ones)
         self.svc_ewma = 0.0  # seconds per request, smoothed
 
     @property
@@ -80,6 +82,7 @@ class RequestQueue:
             target = new_pools.get(name) or new_pools["default"]
             if target is p:
                 p.levels = [deque() for _ in self.names]
+                p.live = [0] * len(self.names)
                 p.waiting = 0
             for i, dq in enumerate(old_levels):
                 lname = old_names[i] if i < len(old_names) else None
@@ -89,6 +92,7 @@ class RequestQueue:
                         t.level = ni
                         t.pool = target
                         target.levels[ni].append(t)
+                        target.live[ni] += 1
                         target.waiting += 1
         self.pools = new_pools
         self.depth = [0] * len(self.names)
@@ -127,6 +131,7 @@ class RequestQueue:
             p.levels[level].appendleft(t)
         else:
             p.levels[level].append(t)
+        p.live[level] += 1
         p.waiting += 1
         self.depth[level] += 1
         self.total += 1
@@ -136,9 +141,17 @@ class RequestQueue:
         """The request left (timeout, disconnect): drop its place or give back its slot."""
         if t.state == WAITING:
             t.state = CANCELLED
-            t.pool.waiting -= 1
+            p = t.pool
+            p.waiting -= 1
+            live = p.live[t.level] = p.live[t.level] - 1
             self.depth[t.level] -= 1
             self.total -= 1
+            dq = p.levels[t.level]
+            if not live:
+                dq.clear()
+            elif len(dq) > 2 * live + 32:
+                # mostly cancelled: rebuild, so a slot held for long cannot pile up dead tickets
+                p.levels[t.level] = deque(x for x in dq if x.state == WAITING)
         elif t.state == GRANTED:
             self.release(t, None)
 
@@ -179,6 +192,9 @@ class RequestQueue:
                 return  # wait for memory; keep order rather than let smaller ones overtake
             dq.popleft()
             p.waiting -= 1
+            p.live[i] -= 1
+            if not p.live[i]:
+                dq.clear()  # only cancelled tickets are left behind it
             self.depth[i] -= 1
             self.total -= 1
             p.in_use += 1
@@ -189,18 +205,13 @@ class RequestQueue:
 
     # -- estimates -----------------------------------------------------------------------------
     def ahead_of(self, level: int, pool: str) -> int:
-        p = self.pools[pool]
-        return sum(sum(1 for t in dq if t.state == WAITING) for dq in p.levels[: level + 1])
+        """Requests waiting in `pool` that a new request at `level` would queue behind."""
+        return sum(self.pools[pool].live[: level + 1])
 
     def estimate_wait(self, level: int, pool: str) -> float:
         """Seconds a request entering now at `level` would wait: its position over the service rate."""
         p = self.pools[pool]
-        ahead = sum(self.depth[: level + 1]) if len(self.pools) == 1 else self._cheap_ahead(p, level)
-        return (ahead + 1) * (p.svc_ewma or 1.0) / p.slots
-
-    @staticmethod
-    def _cheap_ahead(p: Pool, level: int) -> int:
-        return sum(len(dq) for dq in p.levels[: level + 1])
+        return (self.ahead_of(level, pool) + 1) * (p.svc_ewma or 1.0) / p.slots
 
     def inflight(self) -> int:
         return sum(p.in_use for p in self.pools.values())

@@ -118,7 +118,11 @@ class UpstreamConnection(asyncio.Protocol):
         f = self._hdr_future
         if f is not None and not f.done():
             f.set_result(None)
-        if self._head_request or self.status in (204, 304):
+        if self._head_request:
+            # some servers send a body even to HEAD: never reuse the connection after one
+            self.keep_alive = False
+            self.on_message_complete()
+        elif self.status in (204, 304):
             self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:

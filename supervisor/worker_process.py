@@ -13,6 +13,7 @@ import os
 import random
 import re
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -297,7 +298,9 @@ class WorkerManager:
         return path
 
     def _command(self, sock: str) -> list[str]:
-        return [part.replace("{socket}", sock) for part in self.settings.worker.command]
+        # {python} is the supervisor's own interpreter: handy when the worker lives in the same venv
+        return [part.replace("{socket}", sock).replace("{python}", sys.executable)
+                for part in self.settings.worker.command]
 
     async def _spawn(self) -> Incarnation | None:
         self.gen += 1

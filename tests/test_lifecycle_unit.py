@@ -1,0 +1,79 @@
+"""Pure lifecycle decisions: the state table, backoff, exit classification, crash loops. No clock."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from supervisor.states import WORKER_MOVES, ExitReason, IllegalTransition, WorkerState, check_move
+from supervisor.worker_process import backoff_delay, classify_exit, crash_loop_clears_at, in_crash_loop
+
+W = WorkerState
+
+
+def test_every_state_has_moves_and_targets_are_states():
+    assert set(WORKER_MOVES) == set(WorkerState)
+    for targets in WORKER_MOVES.values():
+        assert targets <= set(WorkerState)
+
+
+@pytest.mark.parametrize("old, new", [
+    (W.STOPPED, W.STARTING), (W.STARTING, W.READY), (W.READY, W.BUSY), (W.BUSY, W.READY),
+    (W.READY, W.DRAINING), (W.DRAINING, W.STOPPING), (W.STOPPING, W.STARTING), (W.READY, W.BACKOFF),
+    (W.BACKOFF, W.STARTING), (W.BACKOFF, W.FAILED), (W.FAILED, W.STARTING), (W.STARTING, W.BACKOFF),
+])
+def test_legal_moves(old, new):
+    check_move(old, new)
+
+
+@pytest.mark.parametrize("old, new", [
+    (W.STOPPED, W.READY), (W.BACKOFF, W.READY), (W.FAILED, W.READY), (W.STARTING, W.BUSY),
+    (W.DRAINING, W.READY), (W.STOPPED, W.BUSY),
+])
+def test_illegal_moves_raise(old, new):
+    with pytest.raises(IllegalTransition):
+        check_move(old, new)
+
+
+def test_backoff_grows_exponentially_with_jitter_and_caps():
+    lo = [backoff_delay(n, 0.5, 30, 0.0) for n in range(1, 10)]
+    hi = [backoff_delay(n, 0.5, 30, 1.0) for n in range(1, 10)]
+    assert lo[:4] == [0.25, 0.5, 1.0, 2.0]
+    assert hi[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert max(hi) == 30 and max(lo) == 15
+    assert all(a <= b for a, b in zip(hi, hi[1:]))
+
+
+def test_classify_our_own_stop_wins():
+    for reason in (ExitReason.HANG, ExitReason.RECYCLE, ExitReason.PRESSURE, ExitReason.RELOAD):
+        assert classify_exit(-9, reason, True, True, ["CUDA out of memory"], True) is reason
+
+
+def test_classify_oom_from_tail():
+    tail = ["Traceback (most recent call last):", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate"]
+    assert classify_exit(1, None, False, True, tail, False) is ExitReason.OOM
+    assert classify_exit(1, None, False, False, tail, False) is ExitReason.OOM  # even before ready
+
+
+def test_classify_sigkill_we_did_not_send_is_oom():
+    assert classify_exit(-signal.SIGKILL, None, False, True, [], False) is ExitReason.OOM
+
+
+def test_classify_crash_and_start_failure():
+    assert classify_exit(3, None, False, True, ["boom"], False) is ExitReason.CRASH
+    assert classify_exit(-signal.SIGSEGV, None, False, True, [], False) is ExitReason.CRASH
+    assert classify_exit(1, None, False, False, ["ImportError: no module"], False) is ExitReason.START_FAILURE
+
+
+def test_classify_oom_answer_just_before_death():
+    assert classify_exit(1, None, False, True, [], True) is ExitReason.OOM
+
+
+def test_crash_loop_counts_only_the_window():
+    failures = [0.0, 1.0, 2.0, 3.0]
+    assert not in_crash_loop(failures, 3.0, 10.0, 4)
+    assert in_crash_loop(failures, 3.0, 10.0, 3)
+    assert not in_crash_loop(failures, 11.5, 10.0, 3)  # the first two left the window
+    assert crash_loop_clears_at(failures, 10.0, 3) == 10.0
+    assert crash_loop_clears_at([5.0], 10.0, 3) == 0.0

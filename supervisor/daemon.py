@@ -31,6 +31,9 @@ from .states import SERVING_STATES
 log = structlog.get_logger("supervisor.daemon")
 
 ADMIN_PATHS = ("/healthz", "/readyz", "/status", "/metrics")
+# On the way out, after the drain (or its abandonment) every held request has its answer; this is
+# only for writing those answers to slow clients before their connections are cut.
+HANDLER_GRACE_S = 2.0
 
 
 @dataclass
@@ -89,8 +92,11 @@ def prepare_runtime_dir(configured: str | None, from_systemd: str | None) -> tup
 
 
 class Daemon:
-    def __init__(self, loaded: cfg.LoadedConfig, env: Environment):
+    def __init__(self, loaded: cfg.LoadedConfig, env: Environment, nvml_factory=None,
+                 install_signals: bool = True):
         self.loaded = loaded
+        self.nvml_factory = nvml_factory
+        self.install_signals = install_signals
         self.env = env
         self.notifier = Notifier(env.notify_socket, env.watchdog_usec, env.watchdog_pid, os.getpid())
         self.stop = asyncio.Event()
@@ -141,7 +147,8 @@ class Daemon:
         s = self.loaded.settings
         runtime_dir, made = prepare_runtime_dir(s.runtime_dir, self.env.runtime_directory)
         self._load_token()
-        sup = self.sup = Supervisor(self.loaded, runtime_dir, self.env.base_env)
+        kw = {"nvml_factory": self.nvml_factory} if self.nvml_factory is not None else {}
+        sup = self.sup = Supervisor(self.loaded, runtime_dir, self.env.base_env, **kw)
         split_admin = s.admin.listen is not None
 
         async def main_handler(request: web.BaseRequest) -> web.StreamResponse:
@@ -163,11 +170,12 @@ class Daemon:
         runners: list[web.BaseRunner] = []
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task] = []
+        worker_task: asyncio.Task | None = None
         try:
             for handler, listen in ((main_handler, s.listen),) + (((admin_handler, s.admin.listen),)
                                                                    if split_admin else ()):
                 server = _Server(handler, **kw)
-                runner = web.ServerRunner(server, handle_signals=False)
+                runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=HANDLER_GRACE_S)
                 await runner.setup()
                 runners.append(runner)
                 site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True, backlog=1024)
@@ -182,28 +190,28 @@ class Daemon:
             log.info("listening", addresses=[f"{h}:{p}" for h, p in self.bound],
                      admin=f"{self.bound[-1][0]}:{self.bound[-1][1]}" if split_admin else None,
                      runtime_dir=str(runtime_dir), config=self.loaded.source, pid=os.getpid())
-            for sig, fn in ((signal.SIGTERM, self._on_stop_signal), (signal.SIGINT, self._on_stop_signal),
-                            (signal.SIGHUP, self.reload_wanted.set)):
-                loop.add_signal_handler(sig, fn)
-            tasks.append(asyncio.create_task(sup.worker.run(), name="worker"))
+            if self.install_signals:
+                for sig, fn in ((signal.SIGTERM, self._on_stop_signal), (signal.SIGINT, self._on_stop_signal),
+                                (signal.SIGHUP, self.reload_wanted.set)):
+                    loop.add_signal_handler(sig, fn)
+            worker_task = asyncio.create_task(sup.worker.run(), name="worker")
+            tasks.append(worker_task)
             tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
             tasks.append(asyncio.create_task(self._notify_ready(), name="notify"))
             if self.notifier.watchdog_s:
                 tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
-            for t in sup.background_tasks():
-                tasks.append(asyncio.create_task(t))
+            sup.start()
             await self.stop.wait()
             await self._drain()
             return 0
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-            if not sup.worker.stopped.is_set():
-                stopper = asyncio.create_task(sup.worker.shutdown())
-                done, _ = await asyncio.wait({stopper, asyncio.create_task(self.force_stop.wait())},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if stopper not in done:
-                    log.warning("forced_stop")
+            if self.install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+            if worker_task is not None and not sup.worker.stopped.is_set():
+                # (without a worker task, as after a listen failure, nobody would ever set `stopped`)
+                await self._stop_worker()
+            await sup.aclose()
             for t in reversed(tasks):
                 t.cancel()
             for t in reversed(tasks):
@@ -218,6 +226,22 @@ class Daemon:
                     runtime_dir.rmdir()
             self.notifier.close()
             log.info("stopped")
+
+    async def _stop_worker(self) -> None:
+        """Stop the worker gracefully; a second signal stops waiting for it (the worker task's own
+        cleanup, on cancel, still ends the process: SIGTERM, SIGKILL after worker.stop_grace_s)."""
+        sup = self.sup
+        assert sup is not None
+        stopper = asyncio.create_task(sup.worker.shutdown(), name="worker-shutdown")
+        forced = asyncio.create_task(self.force_stop.wait(), name="force-stop")
+        done, _ = await asyncio.wait({stopper, forced}, return_when=asyncio.FIRST_COMPLETED)
+        for t in (stopper, forced):
+            if not t.done():
+                t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if stopper not in done:
+            log.warning("forced_stop")
 
     def _on_stop_signal(self) -> None:
         if self.stop.is_set():
@@ -238,6 +262,9 @@ class Daemon:
         log.info("drain_started", queued=sup.queue.total, inflight=sup.queue.inflight(), timeout_s=timeout)
         drained = await sup.wait_idle(timeout, self.force_stop)
         log.info("drain_finished", drained=drained, left=sup.active, seconds=round(time.monotonic() - t0, 3))
+        if not drained:
+            sup.drain_deadline_now()  # what is still queued gets 503 now; nothing more goes to the worker
+        self.notifier.send(f"STATUS=stopping the worker; {self._status_line()}")
 
     async def _notify_ready(self) -> None:
         sup = self.sup
@@ -264,7 +291,14 @@ class Daemon:
         while True:
             await self.reload_wanted.wait()
             self.reload_wanted.clear()
-            await self.reload()
+            if self.stop.is_set():
+                log.warning("config_reload_ignored", reason="shutting down")
+                continue
+            try:
+                await self.reload()
+            except Exception:  # a bug in applying must not end SIGHUP handling for good
+                log.exception("config_reload_error")
+                self.notifier.send("READY=1", f"STATUS=reload failed; {self._status_line()}")
 
     async def reload(self) -> bool:
         sup = self.sup

@@ -150,9 +150,6 @@ class Reading:
             return None
         return self.host_used_bytes / self.host_total_bytes
 
-    def gpu_ratios(self) -> list[float]:
-        return [r for d in self.devices if (r := d.ratio) is not None]
-
 
 @dataclass(frozen=True, slots=True)
 class _HostSample:
@@ -188,10 +185,15 @@ def _sample_host(pid: int | None) -> _HostSample:
     return _HostSample(used=vm.total - vm.available, total=vm.total, tree_pids=frozenset(pids), tree_rss=rss)
 
 
+# A figure some devices, drivers or containers do not give (MIG, an old driver, no permission):
+# missing, not a failed poll.
+_NOT_GIVEN = (pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError_NoPermission)
+
+
 def _optional(call: Callable[[], Any]) -> Any:
     try:
         return call()
-    except pynvml.NVMLError_NotSupported:
+    except _NOT_GIVEN:
         return None
 
 
@@ -399,8 +401,9 @@ class GpuWatcher:
         if self._gpu_job is not None:
             if self._gpu_job.done():
                 job, self._gpu_job = self._gpu_job, None
+                part = "nvml_init" if self._nvml_state == "starting" else "nvml"
                 self._absorb_gpu(job)
-                self._resumed("nvml")
+                self._resumed(part)
             elif self._nvml_state == "starting":
                 self._stall("nvml_init")   # no GPU figures yet, so nothing is stale
             else:

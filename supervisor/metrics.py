@@ -99,7 +99,8 @@ class StateCollector(Collector):
             idx = str(d["index"])
             used.add_metric([idx], d["memory_used_bytes"])
             total.add_metric([idx], d["memory_total_bytes"])
-            util.add_metric([idx], d["utilization"])
+            if d.get("utilization") is not None:
+                util.add_metric([idx], d["utilization"])
         yield used
         yield total
         yield util

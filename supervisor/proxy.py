@@ -7,11 +7,12 @@ every request it accepts exactly once: the worker's answer, or a typed error fro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
+import os
 import re
 import time
-import uuid
 from pathlib import Path
 
 import structlog
@@ -21,8 +22,10 @@ from multidict import CIMultiDict
 from .circuit_breaker import CircuitBreaker
 from .config import LoadedConfig, Route, Settings
 from .errors import error_event, error_response
+from .gpu_watch import GpuWatcher, Nvml, Reading
+from .pressure import fallback_due, leak_due
 from .metrics import Metrics
-from .request_queue import GRANTED, QueueFull, RequestQueue, Ticket
+from .request_queue import GRANTED, WAITING, QueueFull, RequestQueue, Ticket
 from .states import SERVING_STATES, BreakerState, ExitReason, WorkerState
 from .upstream import UpstreamConnection, UpstreamError
 from .worker_process import ExitInfo, Incarnation, WorkerManager
@@ -53,7 +56,8 @@ class Rejected(Exception):
 
 
 class Supervisor:
-    def __init__(self, loaded: LoadedConfig, runtime_dir: Path, base_env: dict[str, str]):
+    def __init__(self, loaded: LoadedConfig, runtime_dir: Path, base_env: dict[str, str],
+                 nvml_factory=Nvml):
         self.loaded = loaded
         self.settings: Settings = loaded.settings
         self.config_generation = 1
@@ -71,11 +75,111 @@ class Supervisor:
         self.gpu_status: dict = {"available": False, "pressure": "ok", "devices": []}
         self.worker_readings = {"rss_bytes": 0, "gpu_memory_bytes": 0}
         self._keys = itertools.count()
+        self._rid_prefix = os.urandom(11).hex()
+        self._rid_seq = itertools.count()
         self.active = 0  # requests inside handle(), queued or running
+        self.abandoned = False  # shutdown stopped waiting: nothing more goes to the worker
         self._idle = asyncio.Event()
         self._idle.set()
         self._derive()
         self.metrics.attach_state(self._metrics_state)
+        self.base_env = base_env
+        self._nvml_factory = nvml_factory
+        self.queue.fits = self._gpu_fits
+        self.watcher = self._make_watcher()
+        self._tasks: set[asyncio.Task] = set()
+        self._watch_task: asyncio.Task | None = None
+
+    # -- background work owned here: the memory watcher and one-shot worker calls ---------------
+    def _make_watcher(self) -> GpuWatcher:
+        s = self.settings
+        return GpuWatcher(s.gpu, s.host.thresholds, self._worker_pid, self._nvml_factory,
+                          worker_env=self._worker_env(), priorities=s.queue.priorities,
+                          on_reading=self._on_reading)
+
+    def start(self) -> None:
+        self._watch_task = asyncio.create_task(self.watcher.run(), name="gpu-watch")
+
+    async def aclose(self) -> None:
+        tasks = [t for t in (self._watch_task, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+
+    def _spawn_task(self, coro) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _worker_pid(self) -> int | None:
+        inc = self.worker.current
+        return inc.pid if inc is not None and inc.pid and not inc.exited.is_set() else None
+
+    def _worker_env(self) -> dict[str, str]:
+        return {**self.base_env, **self.settings.worker.env, **self.worker.env_override}
+
+    def _gpu_fits(self, mb: int) -> bool:
+        """Is there `mb` MiB free on every GPU the worker sees, after what running requests reserved?"""
+        r = self.watcher.reading
+        if r is None or not r.devices or not self.watcher.available:
+            return True  # no GPU figures: nothing to wait for
+        free = min(d.memory_total_bytes - d.memory_used_bytes for d in r.devices)
+        return free - self.queue.reserved_mb * 1048576 >= mb * 1048576
+
+    def _on_reading(self, r: Reading) -> None:
+        d = self.watcher.decision
+        self.gpu_status = self.watcher.status()
+        self.worker_readings = {"rss_bytes": r.worker_rss_bytes or 0, "gpu_memory_bytes": r.worker_gpu_memory_bytes or 0}
+        level = int(d.level)
+        if level != self.pressure_level:
+            log.warning("pressure_level", old=_LEVEL_NAMES[self.pressure_level], new=_LEVEL_NAMES[level],
+                        shed_below=d.shed_below, pause=d.pause,
+                        gpu=[round(x.ratio, 4) for x in r.devices if x.ratio is not None],
+                        host=round(r.host_ratio, 4) if r.host_ratio is not None else None)
+            self.pressure_level = level
+        self.shed_below = d.shed_below_index
+        self.queue.pools["default"].cap = d.concurrency_cap
+        if d.pause != self.paused:
+            self.paused = d.pause
+            self.metrics.pressure_actions.labels("pause" if d.pause else "resume").inc()
+        if d.cleanup:
+            self.metrics.pressure_actions.labels("cleanup").inc()
+            self._spawn_task(self._call_cleanup())
+        serving = self.worker.state in SERVING_STATES
+        if d.restart and serving:
+            self.metrics.pressure_actions.labels("restart").inc()
+            log.warning("pressure_restart", level=_LEVEL_NAMES[level])
+            self.worker.request_restart(ExitReason.PRESSURE)
+        elif serving and not r.stale:
+            leak = leak_due(r.worker_rss_bytes, r.worker_gpu_memory_bytes, self.settings.worker.recycle)
+            if leak is not None:
+                log.warning("worker_recycle", why=leak, rss_bytes=r.worker_rss_bytes,
+                            gpu_memory_bytes=r.worker_gpu_memory_bytes)
+                self.worker.request_restart(ExitReason.RECYCLE)
+        self._update_open()
+
+    async def _call_cleanup(self) -> None:
+        """POST /cleanup on the worker's own connection; a worker without one answers 404: fine."""
+        inc = self.worker.current
+        if inc is None or inc.exited.is_set():
+            return
+        head = b"POST /cleanup HTTP/1.1\r\nHost: worker\r\nContent-Length: 0\r\n\r\n"
+        conn = None
+        try:
+            async with asyncio.timeout(self.settings.worker.health.timeout_s * 5):
+                conn = await inc.pool.connect()
+                await conn.start(head, None, False)
+                while await conn.read():
+                    pass
+            log.info("worker_cleanup", status=conn.status, worker_pid=inc.pid)
+        except (TimeoutError, UpstreamError) as exc:
+            log.warning("worker_cleanup_failed", error=str(exc), worker_pid=inc.pid)
+        finally:
+            if conn is not None:
+                conn.abort()
 
     # -- settings ------------------------------------------------------------------------------
     def _derive(self) -> None:
@@ -92,13 +196,29 @@ class Supervisor:
     def apply(self, loaded: LoadedConfig) -> None:
         """Take a new, valid configuration at once; a changed worker section replaces the worker."""
         self.loaded = loaded
-        self.settings = loaded.settings
         self.config_generation += 1
         self.config_loaded_at = time.time()
+        old = self.settings
+        self.settings = loaded.settings
         self._derive()
         self.queue.configure(self.settings.queue)
         self.breaker.reconfigure(self.settings.breaker)
+        if self.worker.degraded:
+            log.info("fallback_cleared", reason="operator reload")
+            self.worker.degraded = None
+            self.worker.env_override = {}
+            self.worker.oom_restarts = 0
+            self.worker.request_restart(ExitReason.RELOAD)
         self.worker.reconfigure(self.settings)
+        if (old.gpu, old.host, old.queue.priorities) != (self.settings.gpu, self.settings.host,
+                                                          self.settings.queue.priorities):
+            if self._watch_task is not None:
+                self._watch_task.cancel()
+                self._spawn_task(_await_quietly(self._watch_task))
+            self.watcher = self._make_watcher()
+            if self._watch_task is not None:
+                self.start()
+        self.watcher.set_worker_env(self._worker_env())
         self._update_open()
 
     # -- callbacks from the breaker and the worker manager --------------------------------------
@@ -117,6 +237,15 @@ class Supervisor:
 
     def _worker_exited(self, info: ExitInfo) -> None:
         self.metrics.worker_restarts.labels(info.reason.value).inc()
+        fb = self.settings.fallback
+        if (info.reason is ExitReason.OOM and not self.worker.degraded
+                and fallback_due(self.worker.oom_restarts, fb.cpu_after_oom_restarts)):
+            self.worker.env_override = dict(fb.env)
+            self.worker.degraded = "cpu-fallback"
+            self.watcher.set_worker_env(self._worker_env())
+            self.metrics.pressure_actions.labels("cpu_fallback").inc()
+            log.warning("fallback_engaged", mode="cpu-fallback", oom_restarts=self.worker.oom_restarts,
+                        env=fb.env)
 
     def _update_open(self) -> None:
         inc = self.worker.current
@@ -137,9 +266,9 @@ class Supervisor:
         return not why, why
 
     # -- the request path ----------------------------------------------------------------------
-    def background_tasks(self) -> list:
-        """Coroutines the daemon runs beside the worker for as long as it lives."""
-        return []
+    def _new_request_id(self) -> str:
+        # unique per process start (random prefix) and cheap: no syscall per request
+        return f"{self._rid_prefix}{next(self._rid_seq):010x}"
 
     async def wait_idle(self, timeout: float, give_up: asyncio.Event) -> bool:
         """Wait until no request is queued or running (drain); False if time ran out first."""
@@ -152,7 +281,20 @@ class Supervisor:
         return self.active == 0
 
     def drain_deadline_now(self) -> None:
-        log.warning("drain_abandoned", left=self.active)
+        """Shutdown stops waiting (drain timeout, second signal): queued requests get 503 at once and
+        none is sent (or retried) to the worker again; what runs ends with the worker's stop."""
+        if self.abandoned:
+            return
+        self.abandoned = True
+        log.warning("drain_abandoned", left=self.active, queued=self.queue.total)
+        for p in self.queue.pools.values():
+            for dq in p.levels:
+                for t in dq:
+                    if t.state == WAITING and t.future is not None and not t.future.done():
+                        t.future.set_exception(self._shutting_down())
+
+    def _shutting_down(self) -> Rejected:
+        return Rejected("shutting_down", "the supervisor is shutting down", self.settings.drain.timeout_s)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.active += 1
@@ -171,9 +313,9 @@ class Supervisor:
         attempts = 0
         try:
             if rid is None:
-                rid = uuid.uuid4().hex
+                rid = self._new_request_id()
             elif not REQUEST_ID_RE.match(rid):
-                rid = uuid.uuid4().hex
+                rid = self._new_request_id()
                 raise Rejected("bad_request", "X-Request-ID: must be 1-200 visible ASCII characters")
             route = self.settings.route_for(request.method, request.path) if self.settings.routes else None
             level = self._parse_priority(request, route)
@@ -258,9 +400,13 @@ class Supervisor:
         gpu_mb = route.gpu_memory_mb if route is not None else 0
         attempt = 0
         queued_s = 0.0
+        requeued = False
         while True:
+            if self.abandoned:
+                raise self._shutting_down()
             attempt += 1
-            ticket, waited = await self._wait_slot(level, pool, gpu_mb, queue_limit, deadline, attempt > 1)
+            ticket, waited = await self._wait_slot(level, pool, gpu_mb, queue_limit, deadline,
+                                                   attempt > 1 or requeued)
             queued_s += waited
             inc = self.worker.current
             try:
@@ -268,14 +414,18 @@ class Supervisor:
                 if not self.breaker.allow(now):
                     raise Rejected("circuit_open", "the worker keeps failing; the circuit breaker is open",
                                    self.breaker.retry_after(now) or 1.0)
-                if inc is None or inc.exited.is_set():
-                    # died between grant and send: nothing reached it; wait for the next worker
+                if inc is None or inc.exited.is_set() or self.worker.state not in SERVING_STATES:
+                    # granted, then the worker died or began to drain (reload, recycle) before this
+                    # task ran: nothing reached it; back to the front, to wait for the next worker
                     self.breaker.release_probe()
                     attempt -= 1
+                    requeued = True
                     continue
                 resp = await self._exchange(request, inc, body, deadline, rid, queued_s, attempt, ticket)
                 return resp, attempt
             except _WorkerDied as died:
+                if self.abandoned:
+                    raise self._shutting_down() from None
                 if attempt < max_attempts and (deadline is None or deadline > time.monotonic()):
                     self.metrics.retries.labels(died.reason).inc()
                     log.info("request_retry", request_id=rid, attempt=attempt + 1, reason=died.reason,
@@ -503,16 +653,24 @@ class Supervisor:
                 if not chunk:
                     break
                 await resp.write(chunk)
-        except (UpstreamError, TimeoutError) as exc:
-            timed_out = isinstance(exc, TimeoutError)
+        except (UpstreamError, TimeoutError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not tm.expired():
+                raise  # the client left: _exchange closes the worker's connection
+            # past the deadline the cancellation is the timeout's: the answer has started, so it
+            # cannot become a 504 any more; end it here (the timeout then exits quietly)
+            timed_out = not isinstance(exc, UpstreamError)
             conn.abort()
+            if not tm.expired():
+                tm.reschedule(None)  # the deadline must not cut the error event short
+            died = None if timed_out else await self._classify_failure(inc, exc)
             why = "timeout" if timed_out else "worker_crashed"
             msg = ("the request ran past its deadline" if timed_out
                    else f"the worker broke off the answer: {getattr(exc, 'detail', exc)}")
-            log.warning("stream_broken", request_id=rid, reason=why, worker_pid=inc.pid)
-            self.breaker.record(False, time.monotonic() - t_start, time.monotonic())
-            if timed_out:
-                tm.reschedule(None)
+            log.warning("stream_broken", request_id=rid, reason=why, worker_pid=inc.pid, worker_died=died is not None)
+            if died is not None:
+                self.breaker.release_probe()  # a worker death belongs to the lifecycle, not the breaker
+            else:
+                self.breaker.record(False, time.monotonic() - t_start, time.monotonic())
             if sse:
                 await resp.write(error_event(why, msg, rid))
                 await resp.write_eof()
@@ -583,6 +741,11 @@ class _WorkerDied(Exception):
 _COUNTED_REJECTIONS = frozenset({"queue_full", "overloaded", "circuit_open", "queue_timeout", "worker_unavailable",
                                  "shutting_down", "bad_request", "payload_too_large", "unauthorized"})
 _LEVEL_NAMES = ("ok", "soft", "hard", "critical")
+
+
+async def _await_quietly(t: asyncio.Task) -> None:
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await t
 
 
 def _is_oom(raw: list[tuple[bytes, bytes]]) -> bool:

@@ -61,6 +61,7 @@ class RequestQueue:
         self.pools: dict[str, Pool] = {}
         self.depth: list[int] = []
         self.total = 0
+        self.reserved_mb = 0  # GPU memory that granted requests declared (route gpu_memory_mb)
         self.configure(settings)
 
     # -- configuration -------------------------------------------------------------------------
@@ -122,6 +123,7 @@ class RequestQueue:
         if self.open and p.waiting == 0 and p.in_use < p.slots and self._fits(gpu_mb):
             t.state = GRANTED
             p.in_use += 1
+            self.reserved_mb += gpu_mb
             return t
         if not front:
             self.check_room(level)
@@ -161,6 +163,7 @@ class RequestQueue:
         t.state = DONE
         p = t.pool
         p.in_use -= 1
+        self.reserved_mb -= t.gpu_mb
         if service_s is not None:
             p.svc_ewma = service_s if p.svc_ewma == 0.0 else 0.8 * p.svc_ewma + 0.2 * service_s
         if p.waiting:
@@ -198,6 +201,7 @@ class RequestQueue:
             self.depth[i] -= 1
             self.total -= 1
             p.in_use += 1
+            self.reserved_mb += t.gpu_mb
             t.state = GRANTED
             fut = t.future
             if fut is not None and not fut.done():

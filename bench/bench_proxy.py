@@ -1,0 +1,181 @@
+"""Proxy overhead: one trivial upstream process reached directly, through nginx and through gpu-supervisor.
+
+The supervisor spawns the upstream as its worker (Unix socket in a known runtime dir, plus a TCP port
+for the direct path); nginx proxies to that same socket with keep-alive. wrk drives each in turn, at
+1 connection (latency) and at N connections (throughput). Prints a table and the ratios, and writes
+bench/results/proxy.json.
+
+    python bench/bench_proxy.py [--duration 10] [--connections 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def parse_wrk(out: str) -> dict:
+    def dur(v: str) -> float:
+        m = re.match(r"([\d.]+)(us|ms|s|m)", v)
+        n, u = float(m.group(1)), m.group(2)
+        return n * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[u]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock_err = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50_ms": dur(lat["50"]), "p99_ms": dur(lat["99"]),
+            "non_2xx": int(errors.group(1)) if errors else 0, "socket_errors": sock_err.group(1) if sock_err else None}
+
+
+def wrk(url: str, connections: int, duration: int) -> dict:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
+                         capture_output=True, text=True, check=True, timeout=duration + 60).stdout
+    return parse_wrk(out)
+
+
+NGINX_CONF = """
+user {user};
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream worker {{ server unix:{sock}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://worker;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--out", default=str(HERE / "results" / "proxy.json"))
+    args = ap.parse_args()
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool) and not Path("/usr/sbin/nginx").exists():
+            print(f"{tool} is needed (apt-get install wrk nginx)", file=sys.stderr)
+            return 2
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    tmp = Path(tempfile.mkdtemp(prefix="gs-bench-"))
+    rundir = tmp / "run"
+    sock = rundir / "worker-1.sock"
+    direct_port, sup_port, nginx_port = free_port(), free_port(), free_port()
+    policy = {
+        "listen": {"host": "127.0.0.1", "port": sup_port},
+        "runtime_dir": str(rundir),
+        "worker": {"command": [PY, str(HERE / "trivial_upstream.py"), "--socket", "{socket}",
+                               "--port", str(direct_port)],
+                   "health": {"interval_s": 5, "timeout_s": 2, "failures": 3}},
+        "queue": {"concurrency": 256, "max_size": 10000},
+        "logging": {"format": "json", "level": "warning"},
+    }
+    (tmp / "policy.yaml").write_text(json.dumps(policy))
+    procs: list[subprocess.Popen] = []
+    try:
+        sup = subprocess.Popen([PY, "-m", "supervisor", "run", "--config", str(tmp / "policy.yaml")], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=open(tmp / "supervisor.log", "w"))
+        procs.append(sup)
+        wait_http(f"http://127.0.0.1:{sup_port}/readyz")
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, sock=sock, port=nginx_port,
+                                                                user=pwd.getpwuid(os.getuid()).pw_name))
+        ng = subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(ng)
+        wait_http(f"http://127.0.0.1:{nginx_port}/")
+        targets = {
+            "direct": f"http://127.0.0.1:{direct_port}/hello",
+            "nginx": f"http://127.0.0.1:{nginx_port}/hello",
+            "gpu-supervisor": f"http://127.0.0.1:{sup_port}/hello",
+        }
+        results: dict = {}
+        for conns in (1, args.connections):
+            for name, url in targets.items():
+                wrk(url, conns, 1)  # warm-up: keep-alive pools, caches
+                r = wrk(url, conns, args.duration)
+                results.setdefault(name, {})[f"c{conns}"] = r
+                print(f"{name:15s} c={conns:<3d} {r['rps']:>10.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                      f"p99 {r['p99_ms']:.3f} ms  non-2xx {r['non_2xx']}", flush=True)
+        c = f"c{args.connections}"
+        ratios = {
+            "supervisor_vs_nginx_rps": results["gpu-supervisor"][c]["rps"] / results["nginx"][c]["rps"],
+            "nginx_vs_direct_rps": results["nginx"][c]["rps"] / results["direct"][c]["rps"],
+            "supervisor_vs_direct_rps": results["gpu-supervisor"][c]["rps"] / results["direct"][c]["rps"],
+            "supervisor_added_p50_ms_c1": results["gpu-supervisor"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
+            "nginx_added_p50_ms_c1": results["nginx"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
+        }
+        print()
+        print(f"throughput at {args.connections} connections: supervisor/nginx = "
+              f"{ratios['supervisor_vs_nginx_rps']:.2f}x, nginx/direct = {ratios['nginx_vs_direct_rps']:.2f}x")
+        print(f"added p50 on one connection: supervisor {ratios['supervisor_added_p50_ms_c1']:.3f} ms, "
+              f"nginx {ratios['nginx_added_p50_ms_c1']:.3f} ms")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"results": results, "ratios": ratios, "duration_s": args.duration,
+                                   "cpus": os.cpu_count()}, indent=1))
+        print(f"wrote {out}")
+        return 0
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

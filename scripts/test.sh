@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: install everything the tests use, then run the whole suite.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k proxy).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v promtool >/dev/null || need+=(prometheus)          # promtool check metrics
+command -v systemd-analyze >/dev/null || need+=(systemd)      # systemd-analyze verify
+if [ ${#need[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+scripts/setup.sh worker,minilm,test
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -117,6 +117,7 @@ class Incarnation:
         self.sigkill_sent = False
         self.oom_answer_at = -1e9
         self.served = 0
+        self.recycle_after = 0
         self.inflight: dict[int, float] = {}  # request key -> monotonic start, oldest first
         self.idle = asyncio.Event()
         self.idle.set()
@@ -188,6 +189,9 @@ class WorkerManager:
     def end_request(self, inc: Incarnation, key: int, oom: bool = False) -> None:
         if inc.inflight.pop(key, None) is not None:
             inc.served += 1
+            if inc.recycle_after and inc.served == inc.recycle_after and inc is self.current:
+                log.info("worker_recycle", why="max_requests", served=inc.served, worker_pid=inc.pid)
+                self.request_restart(ExitReason.RECYCLE)
         if oom:
             inc.oom_answer_at = time.monotonic()
         if not inc.inflight:
@@ -308,6 +312,9 @@ class WorkerManager:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
         inc = Incarnation(self.gen, sock)
+        rc = self.settings.worker.recycle
+        if rc.max_requests:  # gunicorn-style: jitter spreads the recycles of several daemons
+            inc.recycle_after = rc.max_requests + int(self._rand() * (rc.max_requests_jitter + 1))
         self.current = inc
         if self.state is not WorkerState.STARTING:
             self._move(WorkerState.STARTING, "spawn")

@@ -401,6 +401,12 @@ async def cleanup(request: web.Request) -> web.Response:
                   "pid": PID})
 
 
+async def env(request: web.Request) -> web.Response:
+    """Selected environment variables (`?name=A&name=B`): lets tests see what the supervisor passed."""
+    names = request.query.getall("name", [])
+    return _json({"env": {n: os.environ.get(n) for n in names}, "pid": PID})
+
+
 async def pid(request: web.Request) -> web.Response:
     return _json({"pid": PID})
 
@@ -449,6 +455,7 @@ def make_app(opts: Options) -> web.Application:
     r.add_get("/memory", memory)
     r.add_post("/cleanup", cleanup)
     r.add_get("/pid", pid)
+    r.add_get("/env", env)
     r.add_get("/log", log_line)
     return app
 

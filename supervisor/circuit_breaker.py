@@ -27,6 +27,7 @@ class CircuitBreaker:
         self._reopens = 0
         self._probes_out = 0
         self._probe_ok = 0
+        self._half_open_at = 0.0
 
     # -- configuration -------------------------------------------------------------------------
     def reconfigure(self, settings: BreakerSettings) -> None:
@@ -63,6 +64,7 @@ class CircuitBreaker:
         if st is BreakerState.OPEN:
             if now - self._opened_at < self._open_for:
                 return False
+            self._half_open_at = now
             self._move(BreakerState.HALF_OPEN, f"open for {self._open_for:g}s")
             self._probes_out = 0
             self._probe_ok = 0
@@ -86,10 +88,12 @@ class CircuitBreaker:
         return False
 
     # -- outcomes ------------------------------------------------------------------------------
-    def record(self, ok: bool, duration_s: float, now: float) -> None:
+    def record(self, ok: bool, duration_s: float, now: float, started: float | None = None) -> None:
         s = self.settings
         slow = s.slow_call_s is not None and duration_s >= s.slow_call_s
         if self.state is BreakerState.HALF_OPEN:
+            if started is not None and started < self._half_open_at:
+                return  # a call from before the breaker opened is no probe: its answer says nothing new
             if not ok or slow:
                 self._trip(now, "probe failed" if not ok else "probe slow", reopen=True)
             else:

@@ -198,6 +198,7 @@ class Daemon:
             tasks.append(worker_task)
             tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
             tasks.append(asyncio.create_task(self._notify_ready(), name="notify"))
+            tasks.append(asyncio.create_task(self._loop_lag(), name="loop-lag"))
             if self.notifier.watchdog_s:
                 tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
             sup.start()
@@ -244,13 +245,16 @@ class Daemon:
             log.warning("forced_stop")
 
     def _on_stop_signal(self) -> None:
+        # act first, log after: a log write that fails (a closed stdout) must not stop a stop
         if self.stop.is_set():
-            log.warning("second_stop_signal", action="stopping now")
             self.force_stop.set()
             self.sup.drain_deadline_now()
+            with contextlib.suppress(OSError):
+                log.warning("second_stop_signal", action="stopping now")
             return
-        log.info("stop_signal", action="draining")
         self.stop.set()
+        with contextlib.suppress(OSError):
+            log.info("stop_signal", action="draining")
 
     async def _drain(self) -> None:
         sup = self.sup
@@ -280,6 +284,15 @@ class Daemon:
         assert sup is not None
         return (f"worker {sup.worker.state.value}, queue {sup.queue.total}, inflight {sup.queue.inflight()}, "
                 f"breaker {sup.breaker.state.value}")
+
+    async def _loop_lag(self, every_s: float = 0.25) -> None:
+        """Measure how late a timer fires: the event loop's health, for /metrics and the watchdog."""
+        loop = asyncio.get_running_loop()
+        hist = self.sup.metrics.loop_lag
+        while True:
+            t = loop.time()
+            await asyncio.sleep(every_s)
+            hist.observe(max(0.0, loop.time() - t - every_s))
 
     async def _watchdog(self) -> None:
         interval = (self.notifier.watchdog_s or 0) / 2

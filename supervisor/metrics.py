@@ -44,6 +44,10 @@ class Metrics:
                                       registry=r)
         self.pressure_actions = Counter(P + "pressure_actions", "Memory-pressure actions taken, by action.",
                                         ["action"], registry=r)
+        self.loop_lag = Histogram(P + "event_loop_lag_seconds", "How late the event loop woke a timer: "
+                                  "a stalled loop delays every request.",
+                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+                                  registry=r)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         self._req: dict[tuple[str, int], Any] = {}

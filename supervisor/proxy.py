@@ -250,7 +250,7 @@ class Supervisor:
     def _update_open(self) -> None:
         inc = self.worker.current
         self.queue.open = (self.worker.state in SERVING_STATES and inc is not None and not inc.exited.is_set()
-                           and not self.paused)
+                           and not self.paused and not self.worker.replacing)
         if self.queue.open:
             self.queue.pump()
 
@@ -510,7 +510,7 @@ class Supervisor:
                     inc.pool.put(conn)
                     conn = None
                     now = time.monotonic()
-                    self.breaker.record(outcome_ok, now - t_start, now)
+                    self.breaker.record(outcome_ok, now - t_start, now, t_start)
                     recorded = True
                     if request.method == "HEAD":
                         for k, v in conn_headers:
@@ -521,7 +521,7 @@ class Supervisor:
                 recorded = True  # _stream records the outcome once the body has ended
                 return await self._stream(request, conn, inc, headers, rid, tm, t_start, outcome_ok)
         except TimeoutError:
-            self.breaker.record(False, time.monotonic() - t_start, time.monotonic())
+            self.breaker.record(False, time.monotonic() - t_start, time.monotonic(), t_start)
             recorded = True
             if conn is not None:
                 conn.abort()
@@ -535,7 +535,7 @@ class Supervisor:
                 self.breaker.release_probe()
                 recorded = True
                 raise _WorkerDied(reason) from None
-            self.breaker.record(False, time.monotonic() - t_start, time.monotonic())
+            self.breaker.record(False, time.monotonic() - t_start, time.monotonic(), t_start)
             recorded = True
             raise Rejected("worker_error", f"the worker gave no valid answer: {exc.detail}") from None
         except asyncio.CancelledError:
@@ -663,14 +663,14 @@ class Supervisor:
             if not tm.expired():
                 tm.reschedule(None)  # the deadline must not cut the error event short
             died = None if timed_out else await self._classify_failure(inc, exc)
-            why = "timeout" if timed_out else "worker_crashed"
+            why = "timeout" if timed_out else "worker_crashed" if died is not None else "worker_error"
             msg = ("the request ran past its deadline" if timed_out
                    else f"the worker broke off the answer: {getattr(exc, 'detail', exc)}")
-            log.warning("stream_broken", request_id=rid, reason=why, worker_pid=inc.pid, worker_died=died is not None)
+            log.warning("stream_broken", request_id=rid, reason=why, worker_pid=inc.pid)
             if died is not None:
                 self.breaker.release_probe()  # a worker death belongs to the lifecycle, not the breaker
             else:
-                self.breaker.record(False, time.monotonic() - t_start, time.monotonic())
+                self.breaker.record(False, time.monotonic() - t_start, time.monotonic(), t_start)
             if sse:
                 await resp.write(error_event(why, msg, rid))
                 await resp.write_eof()
@@ -678,7 +678,7 @@ class Supervisor:
                 request.transport.close()  # no terminating chunk: the client sees a broken body
             return resp
         inc.pool.put(conn)
-        self.breaker.record(outcome_ok, time.monotonic() - t_start, time.monotonic())
+        self.breaker.record(outcome_ok, time.monotonic() - t_start, time.monotonic(), t_start)
         await resp.write_eof()
         return resp
 

@@ -207,6 +207,13 @@ class WorkerManager:
         if self._wanted is None or reason is ExitReason.RELOAD:
             self._wanted = reason
         self._wake.set()
+        if self.on_down is not None:
+            self.on_down()  # send this worker nothing more: it is about to be replaced
+
+    @property
+    def replacing(self) -> bool:
+        """A replacement was asked for and not yet begun: dispatch must hold."""
+        return self._wanted is not None and self.state in SERVING_STATES
 
     async def shutdown(self) -> None:
         self._shutdown = True

@@ -293,3 +293,16 @@ def test_breaker_retry_after_counts_down_to_the_half_open_moment():
     br, _ = make(window=4, min_calls=4, open_s=5.0)
     open_it(br, 10.0)
     assert [retry_after_seconds(br.retry_after(t)) for t in (10.0, 11.5, 14.2, 14.99, 20.0)] == [5, 4, 1, 1, 1]
+
+
+def test_half_open_ignores_answers_of_calls_started_before_it():
+    b = CircuitBreaker(Breaker(window=4, min_calls=2, failure_rate=0.5, open_s=1, open_max_s=8, half_open_probes=1))
+    b.record(False, 0.1, 0.0, started=-0.1)
+    b.record(False, 0.1, 0.1, started=0.0)
+    assert b.state is BreakerState.OPEN
+    assert b.allow(1.2)  # half-open: the probe goes
+    assert b.state is BreakerState.HALF_OPEN
+    b.record(True, 2.0, 1.3, started=-0.7)  # a slow call from before: neither closes nor reopens
+    assert b.state is BreakerState.HALF_OPEN
+    b.record(True, 0.05, 1.3, started=1.25)  # the probe
+    assert b.state is BreakerState.CLOSED

@@ -89,6 +89,8 @@ class Supervisor:
         self.watcher = self._make_watcher()
         self._tasks: set[asyncio.Task] = set()
         self._watch_task: asyncio.Task | None = None
+        self._pressure_streak = 0  # pressure restarts in a row with no relief in between
+        self._last_pressure_restart = -1e9
 
     # -- background work owned here: the memory watcher and one-shot worker calls ---------------
     def _make_watcher(self) -> GpuWatcher:
@@ -149,10 +151,19 @@ class Supervisor:
             self.metrics.pressure_actions.labels("cleanup").inc()
             self._spawn_task(self._call_cleanup())
         serving = self.worker.state in SERVING_STATES
+        if level < 3:
+            self._pressure_streak = 0
         if d.restart and serving:
-            self.metrics.pressure_actions.labels("restart").inc()
-            log.warning("pressure_restart", level=_LEVEL_NAMES[level])
-            self.worker.request_restart(ExitReason.PRESSURE)
+            now = time.monotonic()
+            # a restart that did not relieve the pressure (another process holds the memory) is not
+            # repeated at once: each one in a row waits twice as long as the last
+            wait = max(1.0, self.settings.gpu.actions.critical.restart_after_s or 0) * 2 ** min(self._pressure_streak, 6)
+            if now - self._last_pressure_restart >= wait or self._pressure_streak == 0:
+                self._pressure_streak += 1
+                self._last_pressure_restart = now
+                self.metrics.pressure_actions.labels("restart").inc()
+                log.warning("pressure_restart", level=_LEVEL_NAMES[level], in_a_row=self._pressure_streak)
+                self.worker.request_restart(ExitReason.PRESSURE)
         elif serving and not r.stale:
             leak = leak_due(r.worker_rss_bytes, r.worker_gpu_memory_bytes, self.settings.worker.recycle)
             if leak is not None:

@@ -175,7 +175,8 @@ class WorkerManager:
             "worker_state", old=old.value, new=new.value, reason=reason,
             worker_pid=self.current.pid if self.current else None,
         )
-        if self.on_change is not None:
+        # ready <-> busy happens per request; whether the worker serves at all did not change
+        if self.on_change is not None and not (old in SERVING_STATES and new in SERVING_STATES):
             self.on_change(old, new, reason)
 
     # -- requests (called by the proxy) --------------------------------------------------------

@@ -278,3 +278,22 @@ async def test_cpu_fallback_after_oom_restarts_and_reload_returns(supervisor_fac
     async with sp.session.get("/env?name=CTL_MODE") as r:
         assert "X-Degraded" not in r.headers
         assert (await r.json())["env"] == {"CTL_MODE": None}
+
+
+async def test_pressure_restarts_that_do_not_help_are_spaced_out(inproc):
+    """Memory held by someone else: restarting the worker again and again would only hurt."""
+    nvml = FakeNvml(devices=1, total=8 * GiB)
+    ip = await inproc(gpu_config(), nvml)
+    nvml.used[0] = int(0.99 * 8 * GiB)  # and it stays there, whatever the worker does
+    await wait_until(lambda: _restarts(ip, 1), 20, "first pressure restart")
+    await wait_until(lambda: _serving(ip), 20, "replacement ready")
+    watcher = ip.daemon.sup.watcher
+    for _ in range(5):  # several critical readings with a ready worker: no second restart yet
+        await watcher.wait_reading(watcher.reading)
+    assert (await ip.status())["worker"]["restarts"] == 1
+    await wait_until(lambda: _restarts(ip, 2), 20, "second pressure restart, later")
+    assert ip.daemon.sup._pressure_streak == 2
+
+
+async def _restarts(ip, n):
+    return (await ip.status())["worker"]["restarts"] >= n

@@ -46,7 +46,11 @@ async def serve(settings: WorkerSettings, engine: Engine) -> None:
     from model_worker.app import STATS, make_app
 
     app = make_app(settings, engine)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+    # handler_cancellation: a client that hangs up cancels its handler at once, whose `finally`
+    # stops the generation; otherwise the worker notices only on its next write, and a generation
+    # that holds its text back (half a UTF-8 character, a stop-sequence prefix, a non-streamed
+    # answer) would run to max_tokens for nobody.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
                            shutdown_timeout=settings.shutdown_timeout_s)
     await runner.setup()
     stop = asyncio.Event()

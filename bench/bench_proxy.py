@@ -101,8 +101,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--out", default=str(HERE / "results" / "proxy.json"))
+    ap.add_argument("--upstream", choices=("raw", "aiohttp"), default="raw",
+                    help="raw: uvloop+httptools upstream (fastest); aiohttp: an aiohttp web.Server upstream")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.out = args.out or str(HERE / "results" / f"proxy-{args.upstream}.json")
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path("/usr/sbin/nginx").exists():
             print(f"{tool} is needed (apt-get install wrk nginx)", file=sys.stderr)
@@ -111,12 +114,12 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gs-bench-"))
     rundir = tmp / "run"
     sock = rundir / "worker-1.sock"
-    direct_port, sup_port, nginx_port = free_port(), free_port(), free_port()
+    direct_port, sup_port, nginx_port, aio_port = free_port(), free_port(), free_port(), free_port()
     policy = {
         "listen": {"host": "127.0.0.1", "port": sup_port},
         "runtime_dir": str(rundir),
         "worker": {"command": [PY, str(HERE / "trivial_upstream.py"), "--socket", "{socket}",
-                               "--port", str(direct_port)],
+                               "--port", str(direct_port), "--impl", args.upstream],
                    "health": {"interval_s": 5, "timeout_s": 2, "failures": 3}},
         "queue": {"concurrency": 256, "max_size": 10000},
         "logging": {"format": "json", "level": "warning"},
@@ -134,9 +137,14 @@ def main() -> int:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(ng)
         wait_http(f"http://127.0.0.1:{nginx_port}/")
+        aio = subprocess.Popen([PY, str(HERE / "aiohttp_proxy.py"), "--socket", str(sock), "--port", str(aio_port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(aio)
+        wait_http(f"http://127.0.0.1:{aio_port}/")
         targets = {
             "direct": f"http://127.0.0.1:{direct_port}/hello",
             "nginx": f"http://127.0.0.1:{nginx_port}/hello",
+            "aiohttp-proxy": f"http://127.0.0.1:{aio_port}/hello",
             "gpu-supervisor": f"http://127.0.0.1:{sup_port}/hello",
         }
         results: dict = {}
@@ -152,17 +160,25 @@ def main() -> int:
             "supervisor_vs_nginx_rps": results["gpu-supervisor"][c]["rps"] / results["nginx"][c]["rps"],
             "nginx_vs_direct_rps": results["nginx"][c]["rps"] / results["direct"][c]["rps"],
             "supervisor_vs_direct_rps": results["gpu-supervisor"][c]["rps"] / results["direct"][c]["rps"],
+            "aiohttp_proxy_vs_nginx_rps": results["aiohttp-proxy"][c]["rps"] / results["nginx"][c]["rps"],
+            "supervisor_vs_aiohttp_proxy_rps": results["gpu-supervisor"][c]["rps"] / results["aiohttp-proxy"][c]["rps"],
+            "aiohttp_proxy_added_p50_ms_c1": results["aiohttp-proxy"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
             "supervisor_added_p50_ms_c1": results["gpu-supervisor"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
             "nginx_added_p50_ms_c1": results["nginx"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
         }
         print()
+        print(f"upstream: {args.upstream}")
         print(f"throughput at {args.connections} connections: supervisor/nginx = "
-              f"{ratios['supervisor_vs_nginx_rps']:.2f}x, nginx/direct = {ratios['nginx_vs_direct_rps']:.2f}x")
+              f"{ratios['supervisor_vs_nginx_rps']:.2f}x, aiohttp-proxy/nginx = "
+              f"{ratios['aiohttp_proxy_vs_nginx_rps']:.2f}x, supervisor/aiohttp-proxy = "
+              f"{ratios['supervisor_vs_aiohttp_proxy_rps']:.2f}x, nginx/direct = {ratios['nginx_vs_direct_rps']:.2f}x")
         print(f"added p50 on one connection: supervisor {ratios['supervisor_added_p50_ms_c1']:.3f} ms, "
+              f"aiohttp-proxy {ratios['aiohttp_proxy_added_p50_ms_c1']:.3f} ms, "
               f"nginx {ratios['nginx_added_p50_ms_c1']:.3f} ms")
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"results": results, "ratios": ratios, "duration_s": args.duration,
+        out.write_text(json.dumps({"upstream": args.upstream, "results": results, "ratios": ratios,
+                                   "duration_s": args.duration,
                                    "cpus": os.cpu_count()}, indent=1))
         print(f"wrote {out}")
         return 0

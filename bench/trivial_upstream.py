@@ -39,6 +39,30 @@ class Http(asyncio.Protocol):
             self.transport.close()
 
 
+async def main_aiohttp(sock: str | None, port: int | None) -> None:
+    """The same answer from an aiohttp server: what a typical Python model service costs per request."""
+    from aiohttp import web
+
+    async def hello(request: web.BaseRequest) -> web.Response:
+        return web.Response(body=BODY, content_type="text/plain")
+
+    runner = web.ServerRunner(web.Server(hello), handle_signals=False, access_log=None)
+    await runner.setup()
+    if sock:
+        if os.path.exists(sock):
+            os.unlink(sock)
+        await web.UnixSite(runner, sock).start()
+    if port:
+        await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    print(f"trivial_upstream (aiohttp) ready socket={sock} port={port}", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+
+
 async def main(sock: str | None, port: int | None) -> None:
     loop = asyncio.get_running_loop()
     servers = []
@@ -61,6 +85,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--socket")
     ap.add_argument("--port", type=int)
+    ap.add_argument("--impl", choices=("raw", "aiohttp"), default="raw",
+                    help="raw: uvloop + httptools protocol (as fast as Python gets); aiohttp: a web.Server")
     a = ap.parse_args()
     import uvloop
-    uvloop.run(main(a.socket or os.environ.get("GPU_SUPERVISOR_SOCKET"), a.port))
+    entry = main if a.impl == "raw" else main_aiohttp
+    uvloop.run(entry(a.socket or os.environ.get("GPU_SUPERVISOR_SOCKET"), a.port))

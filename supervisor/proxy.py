@@ -505,59 +505,54 @@ class Supervisor:
         key = next(self._keys)
         self.worker.begin_request(inc, key)
         t_start = time.monotonic()
-        conn: UpstreamConnection | None = None
-        outcome_ok = False
-        recorded = False
         oom = False
         try:
-            timeout = None if deadline is None else max(0.0, deadline - t_start)
-            async with asyncio.timeout(timeout) as tm:
-                conn = await self._send(request, inc, body, rid)
-                oom = _is_oom(conn.headers)
-                outcome_ok = conn.status < 500 and not oom
-                headers = self._response_headers(conn.headers, rid, queued_s, attempt)
-                if conn.complete:
-                    status, data, conn_headers = conn.status, conn.take_buffered(), conn.headers
-                    inc.pool.put(conn)
-                    conn = None
-                    now = time.monotonic()
-                    self.breaker.record(outcome_ok, now - t_start, now, t_start)
-                    recorded = True
-                    if request.method == "HEAD":
-                        for k, v in conn_headers:
-                            if k.lower() == b"content-length":
-                                headers["Content-Length"] = v.decode("latin-1")
-                        return web.Response(status=status, headers=headers)
-                    return web.Response(status=status, body=data, headers=headers)
-                recorded = True  # _stream records the outcome once the body has ended
-                return await self._stream(request, conn, inc, headers, rid, tm, t_start, outcome_ok)
+            if deadline is None:  # the common case: no timer on the hot path
+                resp, oom = await self._forward(request, inc, body, rid, queued_s, attempt, t_start, None)
+            else:
+                async with asyncio.timeout(max(0.0, deadline - t_start)) as tm:
+                    resp, oom = await self._forward(request, inc, body, rid, queued_s, attempt, t_start, tm)
+            return resp
         except TimeoutError:
             self.breaker.record(False, time.monotonic() - t_start, time.monotonic(), t_start)
-            recorded = True
-            if conn is not None:
-                conn.abort()
             raise Rejected("timeout", "the request ran past its deadline (route timeout_s or "
                            f"{self._timeout_header})") from None
         except UpstreamError as exc:
-            if conn is not None:
-                conn.abort()
             reason = await self._classify_failure(inc, exc)
             if reason is not None:
                 self.breaker.release_probe()
-                recorded = True
                 raise _WorkerDied(reason) from None
             self.breaker.record(False, time.monotonic() - t_start, time.monotonic(), t_start)
-            recorded = True
             raise Rejected("worker_error", f"the worker gave no valid answer: {exc.detail}") from None
-        except asyncio.CancelledError:
-            if conn is not None:
-                conn.abort()  # the client left: tell the worker by closing its connection
+        except BaseException:
+            self.breaker.release_probe()  # the client left, or a rejection: no outcome to count
             raise
         finally:
-            if not recorded:
-                self.breaker.release_probe()
             self.worker.end_request(inc, key, oom)
             self.queue.release(ticket, time.monotonic() - t_start)
+
+    async def _forward(self, request, inc, body, rid, queued_s, attempt, t_start, tm):
+        """Send, then answer: whole (buffered) or streamed. Records the breaker outcome when it returns."""
+        conn = await self._send(request, inc, body, rid)
+        try:
+            oom = _is_oom(conn.headers)
+            outcome_ok = conn.status < 500 and not oom
+            headers = self._response_headers(conn.headers, rid, queued_s, attempt)
+            if not conn.complete:
+                return await self._stream(request, conn, inc, headers, rid, tm, t_start, outcome_ok), oom
+            status, data, raw = conn.status, conn.take_buffered(), conn.headers
+            inc.pool.put(conn)
+        except BaseException:
+            conn.abort()  # the client left or time ran out: closing tells the worker to stop
+            raise
+        now = time.monotonic()
+        self.breaker.record(outcome_ok, now - t_start, now, t_start)
+        if request.method == "HEAD":
+            for k, v in raw:
+                if k.lower() == b"content-length":
+                    headers["Content-Length"] = v.decode("latin-1")
+            return web.Response(status=status, headers=headers), oom
+        return web.Response(status=status, body=data, headers=headers), oom
 
     async def _classify_failure(self, inc: Incarnation, exc: UpstreamError) -> str | None:
         """Did the worker die (retry elsewhere) or merely misbehave? None means it is alive."""
@@ -665,13 +660,14 @@ class Supervisor:
                     break
                 await resp.write(chunk)
         except (UpstreamError, TimeoutError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and not tm.expired():
-                raise  # the client left: _exchange closes the worker's connection
+            expired = tm is not None and tm.expired()
+            if isinstance(exc, asyncio.CancelledError) and not expired:
+                raise  # the client left: _forward closes the worker's connection
             # past the deadline the cancellation is the timeout's: the answer has started, so it
             # cannot become a 504 any more; end it here (the timeout then exits quietly)
             timed_out = not isinstance(exc, UpstreamError)
             conn.abort()
-            if not tm.expired():
+            if tm is not None and not expired:
                 tm.reschedule(None)  # the deadline must not cut the error event short
             died = None if timed_out else await self._classify_failure(inc, exc)
             why = "timeout" if timed_out else "worker_crashed" if died is not None else "worker_error"

@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,18 +39,16 @@ import aiohttp
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
+sys.path.insert(0, str(ROOT))
+
+from bench.common import free_port  # noqa: E402
+
 EMBED_INPUTS = [
     "a cat sits on the mat", "a kitten plays with wool", "stock markets fell today", "the dollar was steady",
     "a server answers requests", "the model ran out of memory", "hello, how are you?", "rain is expected",
     "the river flows to the sea", "bonds rose on friday", "a dog barks at night", "music from the radio",
     "the first computers were huge", "phones are powerful now", "red, green and blue", "monday to sunday",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Supervised:

@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,37 +35,11 @@ import aiohttp
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import free_port, nginx_conf  # noqa: E402
+
 PY = sys.executable
-
-NGINX_CONF = """
-user {user};
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log error;
-events {{ worker_connections 16384; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    upstream worker {{ server unix:{sock}; keepalive 64; }}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{
-            proxy_pass http://worker;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_connect_timeout {timeout}s;
-            proxy_send_timeout {timeout}s;
-            proxy_read_timeout {timeout}s;
-        }}
-    }}
-}}
-"""
-
 
 # ---- the worker: ctl_worker with one /work at a time ------------------------------------------------
 
@@ -118,12 +91,6 @@ def serve_worker(socket_path: str) -> int:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 async def wait_http(url: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
@@ -365,9 +332,7 @@ async def run(args, nginx: str) -> int:
                                stdout=subprocess.DEVNULL, stderr=open(tmp / "supervisor.log", "w"))
         procs.append(sup)
         await wait_http(f"http://127.0.0.1:{sup_port}/readyz")
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, sock=sock, port=nginx_port,
-                                                          timeout=f"{args.high_timeout:g}",
-                                                          user=_user()))
+        (tmp / "nginx.conf").write_text(nginx_conf(tmp, sock, nginx_port, timeout=args.high_timeout))
         fronts = {"gpu-supervisor": f"http://127.0.0.1:{sup_port}", "nginx": f"http://127.0.0.1:{nginx_port}"}
         if args.only != "gpu-supervisor":
             ng = subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)],
@@ -396,7 +361,8 @@ async def run(args, nginx: str) -> int:
     report(results, ideal, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"results": results, "ideal_priority_queue": ideal, "rate_rps": rate, "duration_s": args.duration,
+    out.write_text(json.dumps({"results": results, "ideal_priority_queue": ideal, "rate_rps": rate,
+                               "duration_s": args.duration,
                                "service_ms": args.ms, "high_share": args.high_share,
                                "supervisor_levels": {"high": {"timeout_s": args.high_timeout, "max_size": 200},
                                                      "low": {"timeout_s": args.low_timeout,
@@ -405,10 +371,6 @@ async def run(args, nginx: str) -> int:
     print(f"wrote {out}")
     return 0
 
-
-def _user() -> str:
-    import pwd
-    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def report(results: dict, ideal: dict, args) -> None:

@@ -13,88 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pwd
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
+sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout}s")
-
-
-def parse_wrk(out: str) -> dict:
-    def dur(v: str) -> float:
-        m = re.match(r"([\d.]+)(us|ms|s|m)", v)
-        n, u = float(m.group(1)), m.group(2)
-        return n * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[u]
-
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock_err = re.search(r"Socket errors: (.*)", out)
-    return {"rps": rps, "p50_ms": dur(lat["50"]), "p99_ms": dur(lat["99"]),
-            "non_2xx": int(errors.group(1)) if errors else 0, "socket_errors": sock_err.group(1) if sock_err else None}
-
-
-def wrk(url: str, connections: int, duration: int) -> dict:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
-                         capture_output=True, text=True, check=True, timeout=duration + 60).stdout
-    return parse_wrk(out)
-
-
-NGINX_CONF = """
-user {user};
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    upstream worker {{ server unix:{sock}; keepalive 64; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://worker;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }}
-    }}
-}}
-"""
+from bench.common import free_port, nginx_conf, wait_http, wrk  # noqa: E402
 
 
 def main() -> int:
@@ -131,8 +62,7 @@ def main() -> int:
                                stdout=subprocess.DEVNULL, stderr=open(tmp / "supervisor.log", "w"))
         procs.append(sup)
         wait_http(f"http://127.0.0.1:{sup_port}/readyz")
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, sock=sock, port=nginx_port,
-                                                                user=pwd.getpwuid(os.getuid()).pw_name))
+        (tmp / "nginx.conf").write_text(nginx_conf(tmp, sock, nginx_port))
         ng = subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(ng)
@@ -162,7 +92,8 @@ def main() -> int:
             "supervisor_vs_direct_rps": results["gpu-supervisor"][c]["rps"] / results["direct"][c]["rps"],
             "aiohttp_proxy_vs_nginx_rps": results["aiohttp-proxy"][c]["rps"] / results["nginx"][c]["rps"],
             "supervisor_vs_aiohttp_proxy_rps": results["gpu-supervisor"][c]["rps"] / results["aiohttp-proxy"][c]["rps"],
-            "aiohttp_proxy_added_p50_ms_c1": results["aiohttp-proxy"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
+            "aiohttp_proxy_added_p50_ms_c1":
+                results["aiohttp-proxy"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
             "supervisor_added_p50_ms_c1": results["gpu-supervisor"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
             "nginx_added_p50_ms_c1": results["nginx"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
         }

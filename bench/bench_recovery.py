@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
+from bench.common import pct  # noqa: E402
 from tests.harness import SupervisorProcess, fast_config, kill_quiet, wait_until  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -50,15 +51,6 @@ def policy(args: argparse.Namespace) -> dict:
         queue={"concurrency": args.concurrency, "max_size": 10_000, "timeout_s": 60},
         retry={"max_attempts": 5},
     )
-
-
-def pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 async def serving_pid(sp: SupervisorProcess, not_pid: int | None = None) -> int | None:

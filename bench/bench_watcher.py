@@ -53,7 +53,8 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 import uvloop  # noqa: E402
 
-from bench.bench_proxy import PY, parse_wrk  # noqa: E402
+from bench.bench_proxy import PY  # noqa: E402
+from bench.common import parse_wrk, pct  # noqa: E402
 from supervisor import config as cfg  # noqa: E402
 from supervisor import logs  # noqa: E402
 from supervisor import proxy as proxy_mod  # noqa: E402
@@ -144,15 +145,6 @@ class LagSampler:
     def stop(self) -> list[float]:
         w, self.window = self.window or [], None
         return w
-
-
-def pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def lag_summary(xs: list[float]) -> dict:
@@ -398,7 +390,8 @@ def print_cost(rows: list[dict]) -> None:
         print(f"{r['scenario']:9s} {r['wrk']['rps']:8.0f} {r['wrk']['p50_ms']:6.2f} {r['wrk']['p99_ms']:6.2f} | "
               f"{li['p50_ms']:6.2f} {li['p99_ms']:7.2f} {li['max_ms']:7.2f} | "
               f"{ll['p50_ms']:6.2f} {ll['p99_ms']:7.2f} {ll['max_ms']:7.2f} | "
-              f"{h['p50_ms']:5.2f} {h['p99_ms']:6.2f} | {r['daemon_cpu_pct']:5.1f} {thr:8.2f} {r['other_cpu_pct']:6.1f}")
+              f"{h['p50_ms']:5.2f} {h['p99_ms']:6.2f} | {r['daemon_cpu_pct']:5.1f} {thr:8.2f} "
+              f"{r['other_cpu_pct']:6.1f}")
     print("  cpu%: the daemon process (loop + watcher threads); thr cpu%: the watcher threads alone;")
     print("  other%: CPU used on this machine by anything but daemon, worker and wrk (a busy neighbour)")
     by: dict[str, list[dict]] = {}

@@ -116,7 +116,8 @@ def load_model(settings: WorkerSettings, path: Path) -> LoadedModel:
         task = settings.task or infer_task(config)
         device = choose_device(settings.device)
         dtype = choose_dtype(settings.dtype, device, config)
-        log.info("device_chosen", device=str(device), requested=settings.device, dtype=str(dtype).removeprefix("torch."),
+        log.info("device_chosen", device=str(device), requested=settings.device,
+                 dtype=str(dtype).removeprefix("torch."),
                  cuda_available=torch.cuda.is_available())
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         auto = AutoModelForCausalLM if task == "generate" else AutoModel

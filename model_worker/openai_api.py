@@ -159,7 +159,8 @@ def _common(body: dict[str, Any], served: tuple[str, ...], max_tokens_limit: int
     max_tokens = _int(body, max_tokens_name, 1, max_tokens_limit)
     min_tokens = _int(body, "min_tokens", 0, max_tokens_limit) or 0
     if max_tokens is not None and min_tokens > max_tokens:
-        raise bad_param("min_tokens", f"'min_tokens' ({min_tokens}) must not exceed '{max_tokens_name}' ({max_tokens}).")
+        raise bad_param("min_tokens",
+                        f"'min_tokens' ({min_tokens}) must not exceed '{max_tokens_name}' ({max_tokens}).")
     for name in ("presence_penalty", "frequency_penalty"):
         _number(body, name, 0.0, -2.0, 2.0)  # accepted (OpenAI's range) and not applied
     stream = _bool(body, "stream")
@@ -238,7 +239,8 @@ def parse_chat(body: dict[str, Any], served: tuple[str, ...], max_tokens_limit: 
     if messages is _MISSING or messages is None:
         raise bad_param("messages", "'messages' is required.", "missing_required_parameter")
     if not isinstance(messages, list) or not messages:
-        raise bad_param("messages", "'messages' must be a non-empty list of {'role', 'content'} objects.", "invalid_type")
+        raise bad_param("messages", "'messages' must be a non-empty list of {'role', 'content'} objects.",
+                        "invalid_type")
     parsed = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):

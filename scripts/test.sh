@@ -12,4 +12,5 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 scripts/setup.sh worker,minilm,test
+.venv/bin/ruff check supervisor model_worker tests bench
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

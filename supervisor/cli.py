@@ -6,9 +6,8 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from . import __version__, logs
 from . import config as cfg
-from . import logs
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -23,8 +23,8 @@ from .circuit_breaker import CircuitBreaker
 from .config import LoadedConfig, Route, Settings
 from .errors import error_event, error_response
 from .gpu_watch import GpuWatcher, Nvml, Reading
-from .pressure import fallback_due, leak_due
 from .metrics import Metrics
+from .pressure import fallback_due, leak_due
 from .request_queue import GRANTED, WAITING, QueueFull, RequestQueue, Ticket
 from .states import SERVING_STATES, BreakerState, ExitReason, WorkerState
 from .upstream import UpstreamConnection, UpstreamError
@@ -134,7 +134,8 @@ class Supervisor:
     def _on_reading(self, r: Reading) -> None:
         d = self.watcher.decision
         self.gpu_status = self.watcher.status()
-        self.worker_readings = {"rss_bytes": r.worker_rss_bytes or 0, "gpu_memory_bytes": r.worker_gpu_memory_bytes or 0}
+        self.worker_readings = {"rss_bytes": r.worker_rss_bytes or 0,
+                                "gpu_memory_bytes": r.worker_gpu_memory_bytes or 0}
         level = int(d.level)
         if level != self.pressure_level:
             log.warning("pressure_level", old=_LEVEL_NAMES[self.pressure_level], new=_LEVEL_NAMES[level],
@@ -157,7 +158,8 @@ class Supervisor:
             now = time.monotonic()
             # a restart that did not relieve the pressure (another process holds the memory) is not
             # repeated at once: each one in a row waits twice as long as the last
-            wait = max(1.0, self.settings.gpu.actions.critical.restart_after_s or 0) * 2 ** min(self._pressure_streak, 6)
+            base = max(1.0, self.settings.gpu.actions.critical.restart_after_s or 0)
+            wait = base * 2 ** min(self._pressure_streak, 6)
             if now - self._last_pressure_restart >= wait or self._pressure_streak == 0:
                 self._pressure_streak += 1
                 self._last_pressure_restart = now
@@ -460,10 +462,11 @@ class Supervisor:
         try:
             self.queue.check_room(level)
         except QueueFull as full:
-            pool = route.pool if route is not None else "default"
-            what = (f"priority {self._level_names[level]} queue is full" if full.scope == "level"
-                    else "the queue is full")
-            raise Rejected("queue_full", what, self.queue.estimate_wait(level, pool)) from None
+            raise self._queue_full(full, level, route.pool if route is not None else "default") from None
+
+    def _queue_full(self, full: QueueFull, level: int, pool: str) -> Rejected:
+        what = f"priority {self._level_names[level]} queue is full" if full.scope == "level" else "the queue is full"
+        return Rejected("queue_full", what, self.queue.estimate_wait(level, pool))
 
     def _pressure_retry_after(self) -> float:
         return max(1.0, self.settings.gpu.poll_interval_s * 2)
@@ -473,8 +476,7 @@ class Supervisor:
         try:
             ticket = self.queue.acquire(level, pool, now, gpu_mb, front)
         except QueueFull as full:
-            what = f"priority {self._level_names[level]} queue is full" if full.scope == "level" else "the queue is full"
-            raise Rejected("queue_full", what, self.queue.estimate_wait(level, pool)) from None
+            raise self._queue_full(full, level, pool) from None
         if ticket.state == GRANTED:
             self.metrics.observe_wait(self._level_names[level], 0.0)
             return ticket, 0.0
@@ -491,7 +493,8 @@ class Supervisor:
                                f"back within this request's wait limit ({limit:.3g}s)",
                                self.worker.expected_ready_in()) from None
             if self.paused:
-                raise Rejected("overloaded", "memory pressure has paused dispatch", self._pressure_retry_after()) from None
+                raise Rejected("overloaded", "memory pressure has paused dispatch",
+                               self._pressure_retry_after()) from None
             raise Rejected("queue_timeout", f"waited {waited:.3g}s in the queue, the limit for priority "
                            f"{self._level_names[level]}", self.queue.estimate_wait(level, pool)) from None
         except BaseException:

@@ -183,7 +183,7 @@ class RequestQueue:
             return
         levels = p.levels
         while p.waiting and p.in_use < p.slots:
-            for i, dq in enumerate(levels):
+            for i, dq in enumerate(levels):  # noqa: B007 - `i` is the level found, used below
                 while dq and dq[0].state != WAITING:
                     dq.popleft()
                 if dq:

@@ -475,7 +475,8 @@ class WorkerManager:
         if reason is ExitReason.PRESSURE:
             return  # memory is about to run out: stop now, retry-safe requests go again
         self._move(WorkerState.DRAINING, reason.value)
-        timeout = self.settings.drain.timeout_s if reason is not ExitReason.RECYCLE else self.settings.worker.hang_timeout_s
+        w = self.settings
+        timeout = w.drain.timeout_s if reason is not ExitReason.RECYCLE else w.worker.hang_timeout_s
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wait_any(inc.idle, inc.exited), timeout)
 

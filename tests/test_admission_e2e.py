@@ -210,8 +210,11 @@ async def test_gpu_route_burst_does_not_delay_the_cpu_pool(supervisor_factory):
     assert await pool_is(sp, inflight=1, waiting=5)
     st = (await sp.status())["queue"]["pools"]
     assert st["cpu"]["concurrency"] == 4 and st["default"]["concurrency"] == 1
-    for t in [blocker, *burst]:
+    # the queued burst leaves first (else freeing the slot would hand it to a /sleep at once)
+    for t in burst:
         await let_go(t)
+    await wait_until(lambda: pool_is(sp, inflight=1, waiting=0), 10, "the burst gone from the queue")
+    await let_go(blocker)
     c = await seen(sp)
     assert c["paths"]["/echo"] == 8 and "/sleep" not in c["paths"]
 

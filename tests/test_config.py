@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from supervisor import config as cfg
 
@@ -97,7 +98,7 @@ routes:
 
 def test_settings_are_immutable():
     s = cfg.parse("")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         s.listen.port = 1  # type: ignore[misc]
 
 

@@ -100,7 +100,7 @@ class Load:
                     # the worker died after the answer had started: the supervisor cannot turn it
                     # into an error any more, so it aborts the body (DESIGN: never a silent truncation)
                     o.body_aborted = True
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             o.problem = f"client error: {type(exc).__name__}: {exc}"
         return o
 

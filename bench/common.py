@@ -1,0 +1,97 @@
+"""What the benchmark scripts share: ports, percentiles, nginx in front of a Unix socket, wrk."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+NGINX_CONF = """
+user {user};
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log error;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream worker {{ server unix:{sock}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://worker;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_connect_timeout {timeout}s;
+            proxy_send_timeout {timeout}s;
+            proxy_read_timeout {timeout}s;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_conf(tmp: Path, sock: Path | str, port: int, timeout: float = 60) -> str:
+    """One nginx worker proxying 127.0.0.1:port to a Unix socket with kept-alive connections."""
+    return NGINX_CONF.format(tmp=tmp, sock=sock, port=port, timeout=timeout,
+                             user=pwd.getpwuid(os.getuid()).pw_name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def pct(xs: list[float], p: float) -> float:
+    """The p-th percentile, interpolated; NaN for no data."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def parse_wrk(out: str) -> dict:
+    def dur(v: str) -> float:
+        m = re.match(r"([\d.]+)(us|ms|s|m)", v)
+        n, u = float(m.group(1)), m.group(2)
+        return n * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[u]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock_err = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50_ms": dur(lat["50"]), "p99_ms": dur(lat["99"]),
+            "non_2xx": int(errors.group(1)) if errors else 0, "socket_errors": sock_err.group(1) if sock_err else None}
+
+
+def wrk(url: str, connections: int, duration: int) -> dict:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
+                         capture_output=True, text=True, check=True, timeout=duration + 60).stdout
+    return parse_wrk(out)

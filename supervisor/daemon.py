@@ -114,6 +114,13 @@ class Daemon:
         return got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), self._token)
 
     async def admin(self, request: web.BaseRequest) -> web.StreamResponse:
+        resp = self._admin(request)
+        degraded = self.sup.worker.degraded if self.sup else None
+        if degraded:
+            resp.headers["X-Degraded"] = degraded  # every answer says so, the daemon's own included
+        return resp
+
+    def _admin(self, request: web.BaseRequest) -> web.StreamResponse:
         sup = self.sup
         assert sup is not None
         path = request.path

@@ -271,6 +271,8 @@ async def test_cpu_fallback_after_oom_restarts_and_reload_returns(supervisor_fac
     async with sp.session.get("/echo", headers={"X-Priority": "bogus"}) as r:
         assert r.status == 400 and r.headers["X-Degraded"] == "cpu-fallback"  # on every answer
     assert "gpu_supervisor_degraded 1.0" in await sp.metrics()
+    async with sp.session.get("/status") as r:
+        assert r.headers["X-Degraded"] == "cpu-fallback"
     # an operator reload returns to normal
     sp.signal(signal.SIGHUP)
     w = await sp.wait_worker(lambda w: w["degraded"] is None and w["state"] == "ready" and w["restarts"] == 2, 20)

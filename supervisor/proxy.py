@@ -44,6 +44,7 @@ RESPONSE_DROP = frozenset({
 })
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
 STREAM_CHUNK = 1 << 16
+CLIENT_CLOSED = 499  # requests_total code for a client that left before its answer was complete
 
 
 class Rejected(Exception):
@@ -336,6 +337,10 @@ class Supervisor:
             resp, attempts = await self._admit_and_forward(request, route, level, queue_limit, deadline, t0, rid)
         except Rejected as r:
             resp = self._reject(r, rid)
+        except asyncio.CancelledError:
+            # the client went away (queued, running or mid-stream): counted as nginx does, 499
+            self.metrics.observe_request(self._level_names[level], CLIENT_CLOSED, time.monotonic() - t0)
+            raise
         code = resp.status
         self.metrics.observe_request(self._level_names[level], code, time.monotonic() - t0)
         if self.settings.logging.access:
@@ -345,7 +350,8 @@ class Supervisor:
         return resp
 
     def _reject(self, r: Rejected, rid: str | None) -> web.Response:
-        self.metrics.rejected.labels(r.etype).inc() if r.etype in _COUNTED_REJECTIONS else None
+        if r.etype in _COUNTED_REJECTIONS:
+            self.metrics.rejected.labels(r.etype).inc()
         return error_response(r.etype, r.message, rid, r.retry_after_s, self._degraded_header())
 
     def _degraded_header(self) -> dict[str, str] | None:

@@ -179,6 +179,8 @@ async def test_client_disconnect_mid_request_releases_everything(sup):
         assert r.status == 200
     after = await _open_fds(sup)
     assert after <= before + 3, (before, after, counter)
+    # the clients that left are counted, as nginx does, with code 499
+    assert 'gpu_supervisor_requests_total{code="499",priority="normal"} 5.0' in await sup.metrics()
 
 
 async def _counter(sup):

@@ -90,6 +90,7 @@ class WorkerState:
     cleanup_calls: int = 0
     disconnects: int = 0
     leaked: list[mmap.mmap] = dataclasses.field(default_factory=list)
+    gpu_blocks: list[object] = dataclasses.field(default_factory=list)  # torch tensors (GPU tests only)
     never: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # never set: /hang
 
     def leaked_bytes(self) -> int:
@@ -384,6 +385,18 @@ async def leak(request: web.Request) -> web.Response:
                   "pid": PID})
 
 
+async def gpu_alloc(request: web.Request) -> web.Response:
+    """Hold `mb` MiB more of GPU memory (torch is imported here only: the worker stays light)."""
+    import torch
+
+    state = request.app[STATE]
+    mb = int(_num(request, "mb", int, 256))
+    state.gpu_blocks.append(torch.ones(mb * MIB, dtype=torch.uint8, device="cuda"))
+    held = sum(b.numel() for b in state.gpu_blocks)  # type: ignore[attr-defined]
+    log("gpu_alloc", mb=mb, held_bytes=held)
+    return _json({"held_bytes": held, "pid": PID})
+
+
 async def memory(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return _json({"rss_bytes": rss_bytes(), "leaked_bytes": state.leaked_bytes(), "pid": PID})
@@ -456,6 +469,7 @@ def make_app(opts: Options) -> web.Application:
     r.add_post("/cleanup", cleanup)
     r.add_get("/pid", pid)
     r.add_get("/env", env)
+    r.add_get("/gpu-alloc", gpu_alloc)
     r.add_get("/log", log_line)
     return app
 

@@ -26,6 +26,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.openai_helpers import assert_openai_error, sse_events
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 READY_DEADLINE_S = 90.0
@@ -172,24 +174,6 @@ def tokenizer_count(model_dir: Path, text: str, special: bool = True) -> int:
     return len(Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text, add_special_tokens=special).ids)
 
 
-async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[float, str]]:
-    """Yield (arrival time, data) for each SSE event as it arrives."""
-    buffer = b""
-    async for chunk in response.content.iter_any():
-        buffer += chunk
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            for line in event.decode().splitlines():
-                if line.startswith("data: "):
-                    yield time.monotonic(), line[len("data: "):]
-
-
-def assert_openai_error(body: dict[str, Any], param: str | None, type_: str = "invalid_request_error") -> None:
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == type_
-    assert error["param"] == param
-    assert isinstance(error["message"], str) and error["message"]
 
 
 # ---- the tiny model --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import pytest
 import pytest_asyncio
 
 from tests.harness import SupervisorProcess, fast_config, kill_quiet, wait_until
+from tests.openai_helpers import assert_openai_error, sse_data
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -125,22 +126,6 @@ def tokenizer_count(model_dir: Path, text: str) -> int:
     return len(Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids)
 
 
-async def sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """Yield each SSE event's data as it arrives."""
-    buffer = b""
-    async for chunk in response.content.iter_any():
-        buffer += chunk
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            for line in event.decode().splitlines():
-                if line.startswith("data: "):
-                    yield line[len("data: "):]
-
-
-def assert_openai_error(body: dict, param: str | None, type_: str = "invalid_request_error") -> None:
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error  # the worker's shape, not ours
-    assert error["type"] == type_ and error["param"] == param and error["message"]
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

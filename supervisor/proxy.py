@@ -25,7 +25,7 @@ from .errors import error_event, error_response
 from .gpu_watch import GpuWatcher, Nvml, Reading
 from .metrics import Metrics
 from .pressure import fallback_due, leak_due
-from .request_queue import GRANTED, WAITING, QueueFull, RequestQueue, Ticket
+from .request_queue import GRANTED, QueueFull, RequestQueue, Ticket
 from .states import SERVING_STATES, BreakerState, ExitReason, WorkerState
 from .upstream import UpstreamConnection, UpstreamError
 from .worker_process import ExitInfo, Incarnation, WorkerManager
@@ -301,11 +301,7 @@ class Supervisor:
             return
         self.abandoned = True
         log.warning("drain_abandoned", left=self.active, queued=self.queue.total)
-        for p in self.queue.pools.values():
-            for dq in p.levels:
-                for t in dq:
-                    if t.state == WAITING and t.future is not None and not t.future.done():
-                        t.future.set_exception(self._shutting_down())
+        self.queue.fail_waiting(self._shutting_down)
 
     def _shutting_down(self) -> Rejected:
         return Rejected("shutting_down", "the supervisor is shutting down", self.settings.drain.timeout_s)

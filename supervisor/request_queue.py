@@ -169,6 +169,14 @@ class RequestQueue:
         if p.waiting:
             self._pump_pool(p)
 
+    def fail_waiting(self, error: Callable[[], BaseException]) -> None:
+        """Wake every waiting request with `error()` (shutdown gave up); each then cancels its ticket."""
+        for p in self.pools.values():
+            for dq in p.levels:
+                for t in dq:
+                    if t.state == WAITING and t.future is not None and not t.future.done():
+                        t.future.set_exception(error())
+
     # -- dispatch ------------------------------------------------------------------------------
     def pump(self) -> None:
         for p in self.pools.values():

@@ -27,6 +27,7 @@ from .errors import error_response
 from .proxy import Supervisor
 from .sd_notify import Notifier
 from .states import SERVING_STATES
+from .worker_process import MAX_SOCKET_PATH
 
 log = structlog.get_logger("supervisor.daemon")
 
@@ -103,6 +104,7 @@ class Daemon:
         self.force_stop = asyncio.Event()
         self.reload_wanted = asyncio.Event()
         self.sup: Supervisor | None = None
+        self.failed = False
         self.bound: list[tuple[str, int]] = []
         self._token: bytes | None = None
 
@@ -152,8 +154,24 @@ class Daemon:
     # -- life ----------------------------------------------------------------------------------
     async def serve(self) -> int:
         s = self.loaded.settings
-        runtime_dir, made = prepare_runtime_dir(s.runtime_dir, self.env.runtime_directory)
-        self._load_token()
+        try:
+            runtime_dir, made = prepare_runtime_dir(s.runtime_dir, self.env.runtime_directory)
+        except OSError as exc:
+            log.error("runtime_dir_unusable", path=s.runtime_dir or self.env.runtime_directory,
+                      error=exc.strerror or str(exc))
+            return 1
+        probe = runtime_dir / "worker-999999999.sock"
+        if len(str(probe).encode()) > MAX_SOCKET_PATH:
+            log.error("runtime_dir_too_long", path=str(runtime_dir), limit_bytes=MAX_SOCKET_PATH,
+                      hint="a Unix socket path is limited to 107 bytes: choose a shorter runtime_dir")
+            if made:
+                runtime_dir.rmdir()
+            return 1
+        try:
+            self._load_token()
+        except (OSError, ValueError) as exc:
+            log.error("admin_token_unreadable", path=s.admin.token_file, error=str(exc))
+            return 1
         kw = {"nvml_factory": self.nvml_factory} if self.nvml_factory is not None else {}
         sup = self.sup = Supervisor(self.loaded, runtime_dir, self.env.base_env, **kw)
         split_admin = s.admin.listen is not None
@@ -202,6 +220,7 @@ class Daemon:
                                 (signal.SIGHUP, self.reload_wanted.set)):
                     loop.add_signal_handler(sig, fn)
             worker_task = asyncio.create_task(sup.worker.run(), name="worker")
+            worker_task.add_done_callback(self._worker_task_done)
             tasks.append(worker_task)
             tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
             tasks.append(asyncio.create_task(self._notify_ready(), name="notify"))
@@ -211,7 +230,7 @@ class Daemon:
             sup.start()
             await self.stop.wait()
             await self._drain()
-            return 0
+            return 1 if self.failed else 0
         finally:
             if self.install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -234,6 +253,15 @@ class Daemon:
                     runtime_dir.rmdir()
             self.notifier.close()
             log.info("stopped")
+
+    def _worker_task_done(self, task: asyncio.Task) -> None:
+        """The lifecycle loop ends only on shutdown; anything else is a bug: say so and exit non-zero
+        (systemd's Restart=on-failure brings the daemon back) rather than serve with no worker."""
+        if task.cancelled() or task.exception() is None or self.stop.is_set():
+            return
+        log.error("worker_supervision_failed", exc_info=task.exception())
+        self.failed = True
+        self.stop.set()
 
     async def _stop_worker(self) -> None:
         """Stop the worker gracefully; a second signal stops waiting for it (the worker task's own

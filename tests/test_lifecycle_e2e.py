@@ -207,3 +207,15 @@ async def test_drop_in_third_party_servers(supervisor_factory, command):
     assert await sp.stop() == 0
     assert not pid_alive(pid)
     assert sp.events("worker_exited", reason="shutdown")
+
+
+async def test_runtime_dir_too_long_for_a_socket_is_refused_at_start(tmp_path):
+    from tests.harness import SupervisorProcess
+
+    long_dir = tmp_path / ("d" * 100)
+    sp = SupervisorProcess(tmp_path, fast_config(runtime_dir=str(long_dir)))
+    with pytest.raises(AssertionError, match="exited"):
+        await sp.start(timeout=20)
+    assert await sp.wait_exit(20) == 1
+    ev = sp.events("runtime_dir_too_long")
+    assert ev and ev[0]["limit_bytes"] == 107

@@ -84,7 +84,6 @@ class Supervisor:
         self._idle.set()
         self._derive()
         self.metrics.attach_state(self._metrics_state)
-        self.base_env = base_env
         self._nvml_factory = nvml_factory
         self.queue.fits = self._gpu_fits
         self.watcher = self._make_watcher()
@@ -97,7 +96,7 @@ class Supervisor:
     def _make_watcher(self) -> GpuWatcher:
         s = self.settings
         return GpuWatcher(s.gpu, s.host.thresholds, self._worker_pid, self._nvml_factory,
-                          worker_env=self._worker_env(), priorities=s.queue.priorities,
+                          worker_env=self.worker.worker_env(), priorities=s.queue.priorities,
                           on_reading=self._on_reading)
 
     def start(self) -> None:
@@ -120,9 +119,6 @@ class Supervisor:
     def _worker_pid(self) -> int | None:
         inc = self.worker.current
         return inc.pid if inc is not None and inc.pid and not inc.exited.is_set() else None
-
-    def _worker_env(self) -> dict[str, str]:
-        return {**self.base_env, **self.settings.worker.env, **self.worker.env_override}
 
     def _gpu_fits(self, mb: int) -> bool:
         """Is there `mb` MiB free on every GPU the worker sees, after what running requests reserved?"""
@@ -232,7 +228,7 @@ class Supervisor:
             self.watcher = self._make_watcher()
             if self._watch_task is not None:
                 self.start()
-        self.watcher.set_worker_env(self._worker_env())
+        self.watcher.set_worker_env(self.worker.worker_env())
         self._update_open()
 
     # -- callbacks from the breaker and the worker manager --------------------------------------
@@ -256,7 +252,7 @@ class Supervisor:
                 and fallback_due(self.worker.oom_restarts, fb.cpu_after_oom_restarts)):
             self.worker.env_override = dict(fb.env)
             self.worker.degraded = "cpu-fallback"
-            self.watcher.set_worker_env(self._worker_env())
+            self.watcher.set_worker_env(self.worker.worker_env())
             self.metrics.pressure_actions.labels("cpu_fallback").inc()
             log.warning("fallback_engaged", mode="cpu-fallback", oom_restarts=self.worker.oom_restarts,
                         env=fb.env)

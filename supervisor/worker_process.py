@@ -229,6 +229,10 @@ class WorkerManager:
         elif self.state is WorkerState.FAILED:
             self.request_restart(ExitReason.RELOAD)
 
+    def worker_env(self) -> dict[str, str]:
+        """The environment the next worker gets (its socket aside): ours, the policy's, a fallback's."""
+        return {**self.base_env, **self.settings.worker.env, **self.env_override}
+
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict:
         inc = self.current
@@ -327,7 +331,7 @@ class WorkerManager:
         if self.state is not WorkerState.STARTING:
             self._move(WorkerState.STARTING, "spawn")
         w = self.settings.worker
-        env = {**self.base_env, **w.env, **self.env_override, "GPU_SUPERVISOR_SOCKET": sock}
+        env = {**self.worker_env(), "GPU_SUPERVISOR_SOCKET": sock}
         cmd = self._command(sock)
         try:
             inc.proc = await asyncio.create_subprocess_exec(

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, nginx_conf  # noqa: E402
+from bench.common import free_port, nginx_conf, stop_all  # noqa: E402
 
 PY = sys.executable
 
@@ -349,14 +349,7 @@ async def run(args, nginx: str) -> int:
                                              args.seed, client_timeout)
             print(f"  {name}: done", flush=True)
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
     ideal = ideal_priority(make_plan(rate, args.duration, args.high_share, args.seed), args.ms, args.low_max)
     report(results, ideal, args)
     out = Path(args.out)

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ ROOT = HERE.parent
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, nginx_conf, wait_http, wrk  # noqa: E402
+from bench.common import free_port, nginx_conf, stop_all, wait_http, wrk  # noqa: E402
 
 
 def main() -> int:
@@ -114,14 +113,7 @@ def main() -> int:
         print(f"wrote {out}")
         return 0
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -95,3 +97,16 @@ def wrk(url: str, connections: int, duration: int) -> dict:
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
                          capture_output=True, text=True, check=True, timeout=duration + 60).stdout
     return parse_wrk(out)
+
+
+def stop_all(procs: list[subprocess.Popen], tmp: Path | None = None) -> None:
+    """SIGTERM in reverse start order, SIGKILL what is left after 30 s; then remove `tmp`."""
+    for p in reversed(procs):
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -23,8 +23,8 @@ from .circuit_breaker import CircuitBreaker
 from .config import LoadedConfig, Route, Settings
 from .errors import error_event, error_response
 from .gpu_watch import GpuWatcher, Nvml, Reading
-from .metrics import Metrics
-from .pressure import fallback_due, leak_due
+from .metrics import REJECT_REASONS, Metrics
+from .pressure import Level, fallback_due, leak_due, sheds
 from .request_queue import GRANTED, QueueFull, RequestQueue, Ticket
 from .states import SERVING_STATES, BreakerState, ExitReason, WorkerState
 from .upstream import UpstreamConnection, UpstreamError
@@ -135,7 +135,7 @@ class Supervisor:
                                 "gpu_memory_bytes": r.worker_gpu_memory_bytes or 0}
         level = int(d.level)
         if level != self.pressure_level:
-            log.warning("pressure_level", old=_LEVEL_NAMES[self.pressure_level], new=_LEVEL_NAMES[level],
+            log.warning("pressure_level", old=Level(self.pressure_level).label, new=Level(level).label,
                         shed_below=d.shed_below, pause=d.pause,
                         gpu=[round(x.ratio, 4) for x in r.devices if x.ratio is not None],
                         host=round(r.host_ratio, 4) if r.host_ratio is not None else None)
@@ -161,7 +161,7 @@ class Supervisor:
                 self._pressure_streak += 1
                 self._last_pressure_restart = now
                 self.metrics.pressure_actions.labels("restart").inc()
-                log.warning("pressure_restart", level=_LEVEL_NAMES[level], in_a_row=self._pressure_streak)
+                log.warning("pressure_restart", level=Level(level).label, in_a_row=self._pressure_streak)
                 self.worker.request_restart(ExitReason.PRESSURE)
         elif serving and not r.stale:
             leak = leak_due(r.worker_rss_bytes, r.worker_gpu_memory_bytes, self.settings.worker.recycle)
@@ -342,7 +342,7 @@ class Supervisor:
         return resp
 
     def _reject(self, r: Rejected, rid: str | None) -> web.Response:
-        if r.etype in _COUNTED_REJECTIONS:
+        if r.etype in REJECT_REASONS:
             self.metrics.rejected.labels(r.etype).inc()
         return error_response(r.etype, r.message, rid, r.retry_after_s, self._degraded_header())
 
@@ -454,8 +454,8 @@ class Supervisor:
         if not self.breaker.would_allow(now):
             raise Rejected("circuit_open", "the worker keeps failing; the circuit breaker is open",
                            self.breaker.retry_after(now))
-        if self.shed_below is not None and level > self.shed_below:
-            raise Rejected("overloaded", f"memory pressure ({_LEVEL_NAMES[self.pressure_level]}): priority "
+        if sheds(level, self.shed_below):
+            raise Rejected("overloaded", f"memory pressure ({Level(self.pressure_level).label}): priority "
                            f"{self._level_names[level]} is shed for now", self._pressure_retry_after())
         try:
             self.queue.check_room(level)
@@ -746,9 +746,6 @@ class _WorkerDied(Exception):
         self.reason = reason
 
 
-_COUNTED_REJECTIONS = frozenset({"queue_full", "overloaded", "circuit_open", "queue_timeout", "worker_unavailable",
-                                 "shutting_down", "bad_request", "payload_too_large", "unauthorized"})
-_LEVEL_NAMES = ("ok", "soft", "hard", "critical")
 
 
 async def _await_quietly(t: asyncio.Task) -> None:

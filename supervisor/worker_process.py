@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 
 from .config import Settings
+from .pressure import recycle_due
 from .states import PLANNED_EXITS, SERVING_STATES, ExitReason, WorkerState, check_move
 from .upstream import UpstreamError, UpstreamPool
 
@@ -117,7 +118,8 @@ class Incarnation:
         self.sigkill_sent = False
         self.oom_answer_at = -1e9
         self.served = 0
-        self.recycle_after = 0
+        self.recycle_jitter = 0
+        self.recycle_asked = False
         self.inflight: dict[int, float] = {}  # request key -> monotonic start, oldest first
         self.idle = asyncio.Event()
         self.idle.set()
@@ -190,7 +192,10 @@ class WorkerManager:
     def end_request(self, inc: Incarnation, key: int, oom: bool = False) -> None:
         if inc.inflight.pop(key, None) is not None:
             inc.served += 1
-            if inc.recycle_after and inc.served == inc.recycle_after and inc is self.current:
+            rc = self.settings.worker.recycle
+            if (not inc.recycle_asked and inc is self.current
+                    and recycle_due(inc.served, rc.max_requests, inc.recycle_jitter)):
+                inc.recycle_asked = True
                 log.info("worker_recycle", why="max_requests", served=inc.served, worker_pid=inc.pid)
                 self.request_restart(ExitReason.RECYCLE)
         if oom:
@@ -324,9 +329,8 @@ class WorkerManager:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
         inc = Incarnation(self.gen, sock)
-        rc = self.settings.worker.recycle
-        if rc.max_requests:  # gunicorn-style: jitter spreads the recycles of several daemons
-            inc.recycle_after = rc.max_requests + int(self._rand() * (rc.max_requests_jitter + 1))
+        # gunicorn-style: a jitter drawn per worker spreads the recycles of several daemons
+        inc.recycle_jitter = int(self._rand() * (self.settings.worker.recycle.max_requests_jitter + 1))
         self.current = inc
         if self.state is not WorkerState.STARTING:
             self._move(WorkerState.STARTING, "spawn")

@@ -28,21 +28,15 @@ from model_worker.inference import (
     WorkerOutOfMemory,
 )
 from model_worker.model_dir import MINILM_ALIASES
-from model_worker.openai_api import (
-    ApiError,
-    ChunkWriter,
+from model_worker.openai_api import ApiError, ChunkWriter, chat_body, completion_body, error_body, new_id, sse_error
+from model_worker.settings import MINILM, WorkerSettings
+from model_worker.validation import (
     GenerationRequest,
-    chat_body,
-    completion_body,
-    error_body,
-    new_id,
     parse_chat,
     parse_completion,
     parse_embedding,
     parse_json_object,
-    sse_error,
 )
-from model_worker.settings import MINILM, WorkerSettings
 
 log = structlog.get_logger("model_worker.app")
 
@@ -166,7 +160,7 @@ def _admitted(app: web.Application) -> Iterator[None]:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    return parse_json_object(await request.read())
+    return parse_json_object(await request.read(), request.headers.get("Content-Type"))
 
 
 def _require_task(app: web.Application, task: str, endpoint: str) -> None:

@@ -155,7 +155,9 @@ def _select_token(logits: torch.Tensor, temperature: float, top_p: float,
     """Greedy when temperature == 0, else temperature + nucleus (top_p) sampling."""
     if temperature == 0.0:
         return int(torch.argmax(logits))
-    logits = logits / temperature
+    # Shift first and divide in float64: the top logit becomes exactly 0 and a tiny temperature (1e-300 is
+    # 0 in float32) sends the rest to -inf, never to inf - inf or 0 / 0 = nan.
+    logits = (logits.double() - logits.max()) / temperature
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -348,8 +350,11 @@ class Engine:
         loaded = self.loaded
         tok = loaded.tokenizer
         sequences: list[list[int]] = []
+        vocab = len(tok)
         for i, item in enumerate(spec.inputs):
             ids = list(item) if isinstance(item, tuple) else tok.encode(item)
+            if any(t < 0 or t >= vocab for t in ids):
+                raise InvalidRequest(f"input[{i}]: token ids must be in [0, {vocab})", "input")
             if len(ids) > loaded.context_length:
                 raise InvalidRequest(
                     f"input[{i}] has {len(ids)} tokens; this model's maximum context length is "

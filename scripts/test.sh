@@ -4,12 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-command -v promtool >/dev/null || need+=(prometheus)          # promtool check metrics
+command -v promtool >/dev/null || need+=(prometheus)          # promtool check metrics, a real Prometheus
+command -v prometheus >/dev/null || need+=(prometheus)
 command -v systemd-analyze >/dev/null || need+=(systemd)      # systemd-analyze verify
+command -v redis-server >/dev/null || need+=(redis-server)    # the job store across hosts
+command -v chromium >/dev/null || need+=(chromium)            # the /ui page, rendered for real
+command -v setpriv >/dev/null || need+=(util-linux)           # the worker dies with its daemon
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
 fi
 scripts/setup.sh worker,minilm,test
 .venv/bin/ruff check supervisor model_worker tests bench

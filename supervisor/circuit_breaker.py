@@ -12,6 +12,7 @@ from .config import Breaker as BreakerSettings
 from .states import BreakerState
 
 OnChange = Callable[[BreakerState, BreakerState, str], None]
+SPREAD_WINDOW_S = 60.0  # 500s from two clients within this long count as the worker's failure
 
 
 class CircuitBreaker:
@@ -28,6 +29,8 @@ class CircuitBreaker:
         self._probes_out = 0
         self._probe_ok = 0
         self._half_open_at = 0.0
+        self._streak500 = 0  # 500 answers in a row with no other answer between
+        self._recent500: deque[tuple[float, str | None]] = deque(maxlen=max(8, settings.window))
 
     # -- configuration -------------------------------------------------------------------------
     def reconfigure(self, settings: BreakerSettings) -> None:
@@ -88,7 +91,10 @@ class CircuitBreaker:
         return False
 
     # -- outcomes ------------------------------------------------------------------------------
-    def record(self, ok: bool, duration_s: float, now: float, started: float | None = None) -> None:
+    def record(self, ok: bool, duration_s: float, now: float, started: float | None = None,
+               _from500: bool = False) -> None:
+        if not _from500:
+            self._streak500 = 0
         s = self.settings
         slow = s.slow_call_s is not None and duration_s >= s.slow_call_s
         if self.state is BreakerState.HALF_OPEN:
@@ -116,6 +122,25 @@ class CircuitBreaker:
                 self._trip(now, f"failure rate {self.failure_rate:.2f} >= {s.failure_rate:g}")
             elif s.slow_call_s is not None and self.slow_rate >= s.slow_call_rate:
                 self._trip(now, f"slow-call rate {self.slow_rate:.2f} >= {s.slow_call_rate:g}")
+
+    def record_server_error(self, duration_s: float, now: float, started: float | None, client: str | None,
+                            worker_failing: bool) -> bool:
+        """A 500 answer: the worker's failure only when the worker also fails otherwise (its health
+        probes), when 500s come from several clients, or when nothing but 500s comes back. One client's
+        bad requests must not open the breaker for everyone. True when it was counted."""
+        self._streak500 += 1
+        self._recent500.append((now, client))
+        clients = {c for t, c in self._recent500 if now - t <= SPREAD_WINDOW_S}
+        if worker_failing or len(clients) >= 2 or self._streak500 >= self.settings.min_calls:
+            # nothing but 500s for min_calls answers: the ones not counted so far count now too
+            n = self.settings.min_calls if self._streak500 == self.settings.min_calls else 1
+            for _ in range(n):
+                if self.state is not BreakerState.CLOSED and n > 1:
+                    break
+                self.record(False, duration_s, now, started, _from500=True)
+            return True
+        self.release_probe()
+        return False
 
     def release_probe(self) -> None:
         """A reserved half-open probe ended without an outcome (client left, request rejected)."""

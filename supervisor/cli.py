@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from . import __version__, logs
+from . import __version__, logs, status_cli
 from . import config as cfg
 
 
@@ -21,11 +21,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="policy YAML file (default: $GPU_SUPERVISOR_CONFIG)")
     c = sub.add_parser("check-config", help="validate a policy file and print the effective config")
     c.add_argument("file")
+    status_cli.add_parser(sub)
+    sub.add_parser("schema", help="print the JSON Schema of the policy file")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "status":
+        return status_cli.main(args)
+    if args.cmd == "schema":
+        from .schema import render
+        print(render(), end="")
+        return 0
     if args.cmd == "check-config":
         try:
             loaded = cfg.load(args.file)
@@ -60,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         watchdog_usec=os.environ.get("WATCHDOG_USEC"),
         watchdog_pid=os.environ.get("WATCHDOG_PID"),
         runtime_directory=os.environ.get("RUNTIME_DIRECTORY"),
+        state_directory=os.environ.get("STATE_DIRECTORY"),
     )
     for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         env.base_env.pop(k, None)  # these are for us, not for the worker

@@ -12,8 +12,10 @@ import hmac
 import json
 import os
 import signal
+import socket
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,16 +24,19 @@ from aiohttp import web, web_protocol
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import config as cfg
-from . import logs
+from . import leftovers, logs, ui
+from .app import Supervisor
 from .errors import error_response
-from .proxy import Supervisor
+from .jobs.api import JobsApi
+from .jobs.settings import resolve_state_dir
+from .jobs.store import StoreCorrupt
 from .sd_notify import Notifier
 from .states import SERVING_STATES
 from .worker_process import MAX_SOCKET_PATH
 
 log = structlog.get_logger("supervisor.daemon")
 
-ADMIN_PATHS = ("/healthz", "/readyz", "/status", "/metrics")
+ADMIN_PATHS = ("/healthz", "/readyz", "/status", "/metrics") + ui.PATHS
 # On the way out, after the drain (or its abandonment) every held request has its answer; this is
 # only for writing those answers to slow clients before their connections are cut.
 HANDLER_GRACE_S = 2.0
@@ -46,6 +51,7 @@ class Environment:
     watchdog_usec: str | None = None
     watchdog_pid: str | None = None
     runtime_directory: str | None = None
+    state_directory: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -64,14 +70,18 @@ class _JsonErrorHandler(web_protocol.RequestHandler):
         else:
             detail = message or (str(exc) if exc else "malformed HTTP request")
             resp = error_response(etype, f"malformed HTTP request: {detail}", None)
+        counted = getattr(self._manager, "on_error", None)
+        if counted is not None:
+            counted(status, etype)  # refused by the HTTP layer: still a request, counted as one
         resp.force_close()
         return resp
 
 
 class _Server(web.Server):
-    def __init__(self, handler, *, client_max_size: int, **kwargs):
+    def __init__(self, handler, *, client_max_size: int, on_error=None, **kwargs):
         super().__init__(handler, **kwargs)
         self._client_max_size = client_max_size
+        self.on_error = on_error
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
@@ -107,6 +117,7 @@ class Daemon:
         self.failed = False
         self.bound: list[tuple[str, int]] = []
         self._token: bytes | None = None
+        self.samples = ui.SampleRing()  # what /ui charts: bounded, filled by the ui-sampler task
 
     # -- endpoints -----------------------------------------------------------------------------
     def _authorized(self, request: web.BaseRequest) -> bool:
@@ -117,7 +128,7 @@ class Daemon:
 
     async def admin(self, request: web.BaseRequest) -> web.StreamResponse:
         resp = self._admin(request)
-        degraded = self.sup.worker.degraded if self.sup else None
+        degraded = self.sup.degraded() if self.sup else None
         if degraded:
             resp.headers["X-Degraded"] = degraded  # every answer says so, the daemon's own included
         return resp
@@ -133,6 +144,8 @@ class Daemon:
         if path == "/readyz":
             ready, why = sup.readiness()
             return web.json_response({"ready": ready, "because": why}, status=200 if ready else 503)
+        if path in ui.PATHS:
+            return ui.respond(request, self._authorized(request), self._token, self.samples)
         if not self._authorized(request):
             return error_response("unauthorized", f"{path} needs Authorization: Bearer <admin.token_file token>",
                                   None, headers={"WWW-Authenticate": "Bearer"})
@@ -160,7 +173,8 @@ class Daemon:
             log.error("runtime_dir_unusable", path=s.runtime_dir or self.env.runtime_directory,
                       error=exc.strerror or str(exc))
             return 1
-        probe = runtime_dir / "worker-999999999.sock"
+        longest = max((f"{name}-{len(spec.placements(64))}-999999999.sock" for name, spec in s.fleet.items()), key=len)
+        probe = runtime_dir / longest
         if len(str(probe).encode()) > MAX_SOCKET_PATH:
             log.error("runtime_dir_too_long", path=str(runtime_dir), limit_bytes=MAX_SOCKET_PATH,
                       hint="a Unix socket path is limited to 107 bytes: choose a shorter runtime_dir")
@@ -175,10 +189,23 @@ class Daemon:
         kw = {"nvml_factory": self.nvml_factory} if self.nvml_factory is not None else {}
         sup = self.sup = Supervisor(self.loaded, runtime_dir, self.env.base_env, **kw)
         split_admin = s.admin.listen is not None
+        state_env = {"STATE_DIRECTORY": self.env.state_directory} if self.env.state_directory else {}
+        try:
+            await sup.open_jobs(state_env, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        except (StoreCorrupt, OSError) as exc:
+            log.error("jobs_store_unusable", error=str(exc),
+                      hint="move the file aside (jobs are lost) or set jobs.store to another path")
+            return 1
+        jobs_api = JobsApi(sup.jobs)
+        pids_path = leftovers.pid_file(resolve_state_dir(s.state_dir, state_env), self.loaded.source)
+        await asyncio.to_thread(leftovers.reap, pids_path, os.getpid())
 
         async def main_handler(request: web.BaseRequest) -> web.StreamResponse:
-            if not split_admin and request.path in ADMIN_PATHS:
+            path = request.path
+            if not split_admin and path in ADMIN_PATHS:
                 return await self.admin(request)
+            if path == "/jobs" or path.startswith("/jobs/"):
+                return await jobs_api.dispatch(request)
             return await sup.handle(request)
 
         async def admin_handler(request: web.BaseRequest) -> web.StreamResponse:
@@ -195,11 +222,11 @@ class Daemon:
         runners: list[web.BaseRunner] = []
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task] = []
-        worker_task: asyncio.Task | None = None
+        fleet_started = False
         try:
             for handler, listen in ((main_handler, s.listen),) + (((admin_handler, s.admin.listen),)
                                                                    if split_admin else ()):
-                server = _Server(handler, **kw)
+                server = _Server(handler, on_error=self._http_error, **kw)
                 runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=HANDLER_GRACE_S)
                 await runner.setup()
                 runners.append(runner)
@@ -219,15 +246,19 @@ class Daemon:
                 for sig, fn in ((signal.SIGTERM, self._on_stop_signal), (signal.SIGINT, self._on_stop_signal),
                                 (signal.SIGHUP, self.reload_wanted.set)):
                     loop.add_signal_handler(sig, fn)
-            worker_task = asyncio.create_task(sup.worker.run(), name="worker")
-            worker_task.add_done_callback(self._worker_task_done)
-            tasks.append(worker_task)
+            sup.fleet.on_task_failed = self._fleet_failed
             tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
             tasks.append(asyncio.create_task(self._notify_ready(), name="notify"))
             tasks.append(asyncio.create_task(self._loop_lag(), name="loop-lag"))
+            tasks.append(asyncio.create_task(ui.run_sampler(self.samples, sup.status,
+                                                            lambda: ui.counter_total(sup.metrics.requests)),
+                                             name="ui-sampler"))
             if self.notifier.watchdog_s:
                 tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
             sup.start()
+            fleet_started = True
+            tasks.append(asyncio.create_task(sup.jobs.run(), name="jobs"))
+            tasks.append(asyncio.create_task(self._record_pids(pids_path), name="pid-file"))
             await self.stop.wait()
             await self._drain()
             return 1 if self.failed else 0
@@ -235,7 +266,12 @@ class Daemon:
             if self.install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
-            if worker_task is not None and not sup.worker.stopped.is_set():
+            if sup.jobs is not None:
+                # running jobs stay `running` in the store, as a crash leaves them: the next start
+                # runs them again if they are safe to repeat, else fails them `interrupted`
+                await sup.jobs.aclose(grace_s=0.0, settle=not fleet_started)
+                sup.jobs = None
+            if fleet_started and not sup.fleet.stopped():
                 # (without a worker task, as after a listen failure, nobody would ever set `stopped`)
                 await self._stop_worker()
             await sup.aclose()
@@ -254,12 +290,31 @@ class Daemon:
             self.notifier.close()
             log.info("stopped")
 
-    def _worker_task_done(self, task: asyncio.Task) -> None:
-        """The lifecycle loop ends only on shutdown; anything else is a bug: say so and exit non-zero
-        (systemd's Restart=on-failure brings the daemon back) rather than serve with no worker."""
-        if task.cancelled() or task.exception() is None or self.stop.is_set():
+    async def _record_pids(self, path: Path) -> None:
+        """Keep the pid file current: a successor started after a kill -9 stops what we leave."""
+        sup = self.sup
+        assert sup is not None
+        while True:
+            await sup.pids_changed.wait()
+            sup.pids_changed.clear()
+            try:
+                await asyncio.to_thread(leftovers.write, path, os.getpid(), sup.worker_pids())
+            except OSError as exc:
+                log.warning("pid_file_unwritable", path=str(path), error=str(exc))
+
+    def _http_error(self, status: int, etype: str | None) -> None:
+        sup = self.sup
+        if sup is None:
             return
-        log.error("worker_supervision_failed", exc_info=task.exception())
+        if etype is not None:
+            sup.metrics.rejected.labels(etype).inc()
+        sup.metrics.observe_request(sup.settings.queue.default_priority, status, 0.0, "none")
+
+    def _fleet_failed(self) -> None:
+        """A replica's lifecycle loop ends only on shutdown; anything else is a bug: say so and exit
+        non-zero (systemd's Restart=on-failure brings the daemon back) rather than serve without it."""
+        if self.stop.is_set():
+            return
         self.failed = True
         self.stop.set()
 
@@ -268,7 +323,7 @@ class Daemon:
         cleanup, on cancel, still ends the process: SIGTERM, SIGKILL after worker.stop_grace_s)."""
         sup = self.sup
         assert sup is not None
-        stopper = asyncio.create_task(sup.worker.shutdown(), name="worker-shutdown")
+        stopper = asyncio.create_task(sup.fleet.shutdown(), name="fleet-shutdown")
         forced = asyncio.create_task(self.force_stop.wait(), name="force-stop")
         done, _ = await asyncio.wait({stopper, forced}, return_when=asyncio.FIRST_COMPLETED)
         for t in (stopper, forced):
@@ -298,8 +353,18 @@ class Daemon:
         self.notifier.send("STOPPING=1", "STATUS=draining")
         timeout = sup.settings.drain.timeout_s
         t0 = time.monotonic()
-        log.info("drain_started", queued=sup.queue.total, inflight=sup.queue.inflight(), timeout_s=timeout)
+        log.info("drain_started", queued=sup.queued(), inflight=sup.inflight(), timeout_s=timeout)
+        jobs = sup.jobs
+        jobs_closed = None
+        if jobs is not None:  # take no new job; running ones get the drain's time, then go back to the store
+            jobs_closed = asyncio.create_task(jobs.aclose(grace_s=timeout, settle=True), name="jobs-close")
         drained = await sup.wait_idle(timeout, self.force_stop)
+        if jobs_closed is not None:
+            if self.force_stop.is_set():
+                jobs_closed.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await jobs_closed
+            sup.jobs = None
         log.info("drain_finished", drained=drained, left=sup.active, seconds=round(time.monotonic() - t0, 3))
         if not drained:
             sup.drain_deadline_now()  # what is still queued gets 503 now; nothing more goes to the worker
@@ -308,7 +373,14 @@ class Daemon:
     async def _notify_ready(self) -> None:
         sup = self.sup
         assert sup is not None
-        await sup.worker.ready.wait()
+        eager = [r.manager for r in sup.fleet.replicas() if r.manager.spec.start == "eager"]
+        if eager:  # READY=1 once the first eager replica answers health
+            waiters = [asyncio.ensure_future(m.ready.wait()) for m in eager]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
         self.notifier.send("READY=1", f"STATUS={self._status_line()}")
         while True:
             await asyncio.sleep(5)
@@ -317,8 +389,7 @@ class Daemon:
     def _status_line(self) -> str:
         sup = self.sup
         assert sup is not None
-        return (f"worker {sup.worker.state.value}, queue {sup.queue.total}, inflight {sup.queue.inflight()}, "
-                f"breaker {sup.breaker.state.value}")
+        return sup.status_line()
 
     async def _loop_lag(self, every_s: float = 0.1) -> None:
         """Measure how late a timer fires: the event loop's health, for /metrics."""
@@ -370,7 +441,7 @@ class Daemon:
             self._load_token()
         except (OSError, ValueError) as exc:
             log.error("admin_token_unreadable", error=str(exc))
-        worker_changed = new.settings.worker != old.worker
+        worker_changed = new.settings.fleet != old.fleet
         sup.apply(new)
         sup.metrics.config_reloads.labels("applied").inc()
         log.info("config_reloaded", digest=new.digest, generation=sup.config_generation,

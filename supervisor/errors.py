@@ -21,8 +21,22 @@ ERROR_TYPES: dict[str, tuple[int, bool]] = {
     "shutting_down": (503, True),
     "worker_crashed": (502, True),
     "worker_error": (502, False),
+    "model_not_found": (404, False),
     "timeout": (504, False),
+    "jobs_unavailable": (503, True),
+    "not_found": (404, False),
+    "conflict": (422, False),
 }
+
+
+class Rejected(Exception):
+    """A request the supervisor answers itself, with one of ERROR_TYPES."""
+
+    def __init__(self, etype: str, message: str, retry_after_s: float | None = None):
+        self.etype = etype
+        self.message = message
+        self.retry_after_s = retry_after_s
+        super().__init__(f"{etype}: {message}")
 
 
 def error_response(

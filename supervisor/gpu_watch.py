@@ -143,6 +143,10 @@ class Reading:
     worker_gpu_memory_bytes: int | None    # None: NVML unavailable or no worker
     level: Level
     stale: bool = False                    # a poll is still running; some figures are from an earlier one
+    replicas: Mapping[Any, tuple[int | None, int | None]] = dataclasses.field(default_factory=dict)
+    # per replica key: (RSS of its process tree, GPU memory NVML sees its tree hold)
+    ours_by_device: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    # per GPU index: bytes NVML sees held by the process trees of our replicas
 
     @property
     def host_ratio(self) -> float | None:
@@ -157,32 +161,47 @@ class _HostSample:
     total: int
     tree_pids: frozenset[int]
     tree_rss: int | None
+    trees: Mapping[Any, tuple[frozenset[int], int | None]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class _GpuSample:
     devices: tuple[DeviceReading, ...]
     processes: tuple[tuple[int, int], ...]    # (pid, bytes) on the watched devices
+    by_device: Mapping[int, tuple[tuple[int, int], ...]] = dataclasses.field(default_factory=dict)
 
 
-def _sample_host(pid: int | None) -> _HostSample:
-    vm = psutil.virtual_memory()
+def _tree(pid: int) -> tuple[frozenset[int], int | None]:
+    """The pids and summed RSS of a process and its descendants (None: gone)."""
     pids: set[int] = set()
     rss: int | None = None
-    if pid is not None:
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:      # gone (or not ours to see): no worker to measure
+        tree = []
+    for proc in tree:
         try:
-            root = psutil.Process(pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.Error:      # gone (or not ours to see): no worker to measure
-            tree = []
-        for proc in tree:
-            try:
-                mem = proc.memory_info().rss
-            except psutil.Error:  # vanished (or a zombie) since the listing
-                continue
-            pids.add(proc.pid)
-            rss = (rss or 0) + mem
-    return _HostSample(used=vm.total - vm.available, total=vm.total, tree_pids=frozenset(pids), tree_rss=rss)
+            mem = proc.memory_info().rss
+        except psutil.Error:  # vanished (or a zombie) since the listing
+            continue
+        pids.add(proc.pid)
+        rss = (rss or 0) + mem
+    return frozenset(pids), rss
+
+
+def _sample_host(pid: int | None, replica_pids: Mapping[Any, int] | None = None) -> _HostSample:
+    vm = psutil.virtual_memory()
+    trees = {key: _tree(p) for key, p in (replica_pids or {}).items()}
+    if pid is not None:
+        pids, rss = trees.get("__single__") or _tree(pid)
+    elif trees:
+        pids = frozenset().union(*(t[0] for t in trees.values()))
+        rsses = [t[1] for t in trees.values() if t[1] is not None]
+        rss = sum(rsses) if rsses else None
+    else:
+        pids, rss = frozenset(), None
+    return _HostSample(used=vm.total - vm.available, total=vm.total, tree_pids=pids, tree_rss=rss, trees=trees)
 
 
 # A figure some devices, drivers or containers do not give (MIG, an old driver, no permission):
@@ -202,6 +221,7 @@ def _sample_gpu(nvml: Nvml, tokens: tuple[str, ...] | None) -> _GpuSample:
     indices = resolve_devices(tokens, count, lambda i: nvml.uuid(nvml.handle(i)))
     devices: list[DeviceReading] = []
     procs: list[tuple[int, int]] = []
+    by_device: dict[int, tuple[tuple[int, int], ...]] = {}
     for index in indices:
         h = nvml.handle(index)
         used, total = nvml.memory(h)
@@ -214,8 +234,10 @@ def _sample_gpu(nvml: Nvml, tokens: tuple[str, ...] | None) -> _GpuSample:
             utilization=None if util is None else util / 100.0,
             temperature_c=_optional(lambda: nvml.temperature(h)),
         ))
-        procs.extend((pid, mem or 0) for pid, mem in (_optional(lambda: nvml.processes(h)) or ()))
-    return _GpuSample(devices=tuple(devices), processes=tuple(procs))
+        mine = tuple((pid, mem or 0) for pid, mem in (_optional(lambda: nvml.processes(h)) or ()))
+        by_device[index] = mine
+        procs.extend(mine)
+    return _GpuSample(devices=tuple(devices), processes=tuple(procs), by_device=by_device)
 
 
 # ---- the thread the blocking calls run in ------------------------------------------------------
@@ -287,7 +309,9 @@ class GpuWatcher:
         priorities: Sequence[str] = _DEFAULT_PRIORITIES,
         on_reading: Callable[[Reading], None] | None = None,
         shutdown_timeout_s: float = 2.0,
+        replica_pids: Callable[[], Mapping[Any, int]] | None = None,
     ):
+        self._replica_pids = replica_pids
         self._gpu = gpu
         self._host_thr = host_thresholds
         self._worker_pid = worker_pid
@@ -381,8 +405,9 @@ class GpuWatcher:
 
     async def _tick(self, host_runner: _Runner, gpu_runner: _Runner, deadline: float) -> None:
         pid = self._worker_pid()
+        rpids = dict(self._replica_pids()) if self._replica_pids is not None else None
         if self._host_job is None:
-            self._host_job = host_runner.submit(lambda: _sample_host(pid))
+            self._host_job = host_runner.submit(lambda: _sample_host(pid, rpids))
         if self._gpu_job is None and self._nvml_state in ("ok", "error"):
             nvml, tokens = self._nvml, self._tokens
             self._gpu_job = gpu_runner.submit(lambda: _sample_gpu(nvml, tokens))
@@ -452,8 +477,13 @@ class GpuWatcher:
         host = self._host_sample
         gpu = self._gpu_sample if self._nvml_state == "ok" else None
         worker_gpu: int | None = None
-        if gpu is not None and host is not None and pid is not None:
+        if gpu is not None and host is not None and (pid is not None or host.trees):
             worker_gpu = sum(mem for p, mem in gpu.processes if p in host.tree_pids)
+        replicas: dict[Any, tuple[int | None, int | None]] = {}
+        if host is not None:
+            for key, (pids, rss) in host.trees.items():
+                g = sum(mem for p, mem in gpu.processes if p in pids) if gpu is not None else None
+                replicas[key] = (rss, g)
         devices = gpu.devices if gpu is not None else ()
         host_ratio = host.used / host.total if host and host.total else None
         previous = self.level
@@ -479,6 +509,9 @@ class GpuWatcher:
             worker_gpu_memory_bytes=worker_gpu,
             level=self.level,
             stale=stale,
+            replicas=replicas,
+            ours_by_device={idx: sum(mem for p, mem in procs if p in host.tree_pids)
+                            for idx, procs in gpu.by_device.items()} if gpu is not None and host is not None else {},
         )
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()

@@ -14,19 +14,21 @@ from prometheus_client.core import GaugeMetricFamily, StateSetMetricFamily
 from prometheus_client.registry import Collector
 
 from .states import BreakerState, WorkerState
+from .upstream import PROTOCOL_ERROR_KINDS
 
 P = "gpu_supervisor_"
 LONG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 REJECT_REASONS = ("queue_full", "overloaded", "circuit_open", "queue_timeout", "worker_unavailable",
-                  "shutting_down", "bad_request", "payload_too_large", "unauthorized")
+                  "shutting_down", "bad_request", "payload_too_large", "unauthorized", "model_not_found",
+                  "jobs_unavailable")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(P + "requests", "Requests answered, by priority and HTTP status.",
-                                ["priority", "code"], registry=r)
+        self.requests = Counter(P + "requests", "Requests answered, by priority, HTTP status and worker.",
+                                ["priority", "code", "worker"], registry=r)
         self.duration = Histogram(P + "request_duration_seconds", "Time from arrival to the end of the answer.",
                                   ["priority"], buckets=LONG_BUCKETS, registry=r)
         self.queue_wait = Histogram(P + "queue_wait_seconds", "Time spent queued before a worker slot.",
@@ -34,8 +36,13 @@ class Metrics:
         self.rejected = Counter(P + "rejected", "Requests refused by the supervisor itself, by reason.",
                                 ["reason"], registry=r)
         self.retries = Counter(P + "retries", "Requests sent to the worker again, by reason.", ["reason"], registry=r)
-        self.worker_restarts = Counter(P + "worker_restarts", "Worker restarts, by exit reason.", ["reason"],
-                                       registry=r)
+        self.worker_restarts = Counter(P + "worker_restarts", "Replica restarts, by worker, replica and exit reason.",
+                                       ["worker", "replica", "reason"], registry=r)
+        self.worker_unloads = Counter(P + "worker_unloads", "Replicas stopped and left unloaded, by worker and reason "
+                                      "(idle, evicted).", ["worker", "reason"], registry=r)
+        self.worker_protocol_errors = Counter(P + "worker_protocol_errors", "Worker answers refused as invalid HTTP "
+                                              "(bad status, oversized head, bytes past the end of an answer).",
+                                              ["kind"], registry=r)
         self.worker_start = Histogram(P + "worker_start_seconds", "Time from spawning the worker to its first "
                                       "healthy answer.", buckets=LONG_BUCKETS, registry=r)
         self.breaker_transitions = Counter(P + "breaker_transitions", "Circuit breaker state changes, by new state.",
@@ -50,14 +57,16 @@ class Metrics:
                                   registry=r)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
-        self._req: dict[tuple[str, int], Any] = {}
+        for kind in PROTOCOL_ERROR_KINDS:
+            self.worker_protocol_errors.labels(kind)
+        self._req: dict[tuple[str, int, str], Any] = {}
         self._dur: dict[str, Any] = {}
         self._wait: dict[str, Any] = {}
 
-    def observe_request(self, priority: str, code: int, duration_s: float) -> None:
-        c = self._req.get((priority, code))
+    def observe_request(self, priority: str, code: int, duration_s: float, worker: str = "none") -> None:
+        c = self._req.get((priority, code, worker))
         if c is None:
-            c = self._req[(priority, code)] = self.requests.labels(priority, str(code))
+            c = self._req[(priority, code, worker)] = self.requests.labels(priority, str(code), worker)
         c.inc()
         h = self._dur.get(priority)
         if h is None:
@@ -82,20 +91,30 @@ class StateCollector(Collector):
 
     def collect(self):
         s = self._read()
-        g = GaugeMetricFamily(P + "queue_depth", "Requests waiting, by priority.", labels=["priority"])
-        for prio, n in s["queue_depth"].items():
-            g.add_metric([prio], n)
+        g = GaugeMetricFamily(P + "queue_depth", "Requests waiting, by priority and worker.",
+                              labels=["priority", "worker"])
+        for worker, depth in s["queue_depth"].items():
+            for prio, n in depth.items():
+                g.add_metric([prio, worker], n)
         yield g
-        yield GaugeMetricFamily(P + "inflight", "Requests being served by the worker.", value=s["inflight"])
-        yield GaugeMetricFamily(P + "worker_up", "1 when the worker is ready to serve.", value=s["worker_up"])
-        yield _stateset(P + "worker_state", "The worker's lifecycle state.", [w.value for w in WorkerState],
-                        s["worker_state"])
-        yield GaugeMetricFamily(P + "worker_rss_bytes", "Resident memory of the worker's process tree.",
-                                value=s["worker_rss_bytes"])
-        yield GaugeMetricFamily(P + "worker_gpu_memory_bytes", "GPU memory used by the worker's process tree.",
-                                value=s["worker_gpu_memory_bytes"])
-        yield _stateset(P + "breaker_state", "The circuit breaker's state.", [b.value for b in BreakerState],
-                        s["breaker_state"])
+        reps = s["replicas"]
+        wr = ["worker", "replica"]
+        inflight = GaugeMetricFamily(P + "inflight", "Requests being served, by worker and replica.", labels=wr)
+        up = GaugeMetricFamily(P + "worker_up", "1 when the replica is ready to serve.", labels=wr)
+        rss = GaugeMetricFamily(P + "worker_rss_bytes", "Resident memory of the replica's process tree.", labels=wr)
+        gpu = GaugeMetricFamily(P + "worker_gpu_memory_bytes", "GPU memory used by the replica's process tree.",
+                                labels=wr)
+        wstate = StateSetMetricFamily(P + "worker_state", "The replica's lifecycle state.", labels=wr)
+        bstate = StateSetMetricFamily(P + "breaker_state", "The replica's circuit breaker state.", labels=wr)
+        for r in reps:
+            lv = [r["worker"], r["replica"]]
+            inflight.add_metric(lv, r["inflight"])
+            up.add_metric(lv, r["up"])
+            rss.add_metric(lv, r["rss_bytes"])
+            gpu.add_metric(lv, r["gpu_memory_bytes"])
+            wstate.add_metric(lv, {st.value: st.value == r["state"] for st in WorkerState})
+            bstate.add_metric(lv, {b.value: b.value == r["breaker"] for b in BreakerState})
+        yield from (inflight, up, wstate, rss, gpu, bstate)
         used = GaugeMetricFamily(P + "gpu_memory_used_bytes", "GPU memory in use, by device.", labels=["gpu"])
         total = GaugeMetricFamily(P + "gpu_memory_total_bytes", "GPU memory in all, by device.", labels=["gpu"])
         util = GaugeMetricFamily(P + "gpu_utilization_ratio", "GPU utilisation (0..1), by device.", labels=["gpu"])
@@ -108,9 +127,14 @@ class StateCollector(Collector):
         yield used
         yield total
         yield util
+        reserved = GaugeMetricFamily(P + "gpu_memory_reserved_bytes", "GPU memory the ledger counts as held by "
+                                     "started replicas and other processes, by device.", labels=["gpu"])
+        for idx, held in s.get("ledger", {}).items():
+            reserved.add_metric([str(idx)], held)
+        yield reserved
         yield GaugeMetricFamily(P + "pressure_level", "Memory pressure: 0 ok, 1 soft, 2 hard, 3 critical.",
                                 value=s["pressure_level"])
-        yield GaugeMetricFamily(P + "degraded", "1 while the worker runs in a degraded mode (CPU fallback).",
+        yield GaugeMetricFamily(P + "degraded", "1 while a replica runs in a degraded mode (CPU fallback).",
                                 value=s["degraded"])
         yield GaugeMetricFamily(P + "config_generation", "How many times the configuration was loaded.",
                                 value=s["config_generation"])

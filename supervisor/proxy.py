@@ -1,34 +1,42 @@
-"""The request path: validate, admit, queue, forward to the worker, stream the answer, account for it.
+"""The request path: validate, route, admit, queue, forward to a replica, relay the answer, account for it.
 
-`Supervisor` holds everything that must outlive a worker (queue, breaker, counters) and answers
-every request it accepts exactly once: the worker's answer, or a typed error from errors.py.
+`RequestPath.handle` answers every request it accepts exactly once: the worker's answer, or a typed
+error from errors.py. A request's own facts travel together in one `Call` record.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
+import json
 import math
 import os
 import re
+import tempfile
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .circuit_breaker import CircuitBreaker
-from .config import LoadedConfig, Route, Settings
-from .errors import error_event, error_response
-from .gpu_watch import GpuWatcher, Nvml, Reading
-from .metrics import REJECT_REASONS, Metrics
-from .pressure import Level, fallback_due, leak_due, sheds
-from .request_queue import GRANTED, QueueFull, RequestQueue, Ticket
-from .states import SERVING_STATES, BreakerState, ExitReason, WorkerState
+from .errors import ERROR_TYPES, Rejected, error_event, error_response
+from .fairness import client_key
+from .jobs.api import job_request, submit_error_response, submit_response, wants_async
+from .jobs.manager import CallbackRefused
+from .jobs.model import JobFailed, JobRequest, JobResult
+from .jobs.store import Conflict, Full, StoreUnavailable
+from .metrics import REJECT_REASONS
+from .pressure import Level, sheds
+from .request_queue import GRANTED, QueueFull, Ticket
+from .response_spool import ResponseSpool, SpoolError, SpoolFull
+from .states import ExitReason
 from .upstream import UpstreamConnection, UpstreamError
-from .worker_process import ExitInfo, Incarnation, WorkerManager
+from .worker_process import Incarnation
+
+if TYPE_CHECKING:
+    from .app import Supervisor
+    from .fleet import Replica, WorkerGroup
 
 log = structlog.get_logger("supervisor.proxy")
 access_log = structlog.get_logger("supervisor.access")
@@ -36,8 +44,9 @@ access_log = structlog.get_logger("supervisor.access")
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"content-length", b"expect", b"proxy-connection", b"x-request-id",
-    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"prefer",
 })
+NEVER_STRIPPED = frozenset({b"host"})  # RFC 9110 7.6.1: Connection cannot remove Host
 RESPONSE_DROP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "content-length", "proxy-connection", "date",
@@ -45,155 +54,63 @@ RESPONSE_DROP = frozenset({
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
 STREAM_CHUNK = 1 << 16
 CLIENT_CLOSED = 499  # requests_total code for a client that left before its answer was complete
+NO_WORKER = "none"  # the worker label of a request refused before it had one
+HANGS_BEFORE_POISON = 2  # a request in flight on this many workers that hung is not tried again
+JOB_SUBMIT_ERRORS = (CallbackRefused, Conflict, Full, StoreUnavailable)
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-class Rejected(Exception):
-    """A request the supervisor answers itself."""
+class Call:
+    """One request's own facts, from arrival to answer."""
 
-    def __init__(self, etype: str, message: str, retry_after_s: float | None = None):
-        self.etype = etype
-        self.message = message
-        self.retry_after_s = retry_after_s
+    __slots__ = ("rid", "t0", "method", "path", "level", "route", "group", "pool", "gpu_mb", "queue_limit",
+                 "deadline", "body", "retry_ok", "max_attempts", "attempt", "queued_s", "hangs", "client",
+                 "worker_label", "model", "continue_sent", "peer")
+
+    def __init__(self, rid: str, t0: float, method: str, path: str, level: int):
+        self.rid = rid
+        self.t0 = t0
+        self.method = method
+        self.path = path
+        self.level = level
+        self.route = None
+        self.group: WorkerGroup | None = None
+        self.pool = "default"
+        self.gpu_mb = 0
+        self.queue_limit = 0.0
+        self.deadline: float | None = None
+        self.body: bytes | None = None
+        self.retry_ok = False
+        self.max_attempts = 1
+        self.attempt = 0
+        self.queued_s = 0.0
+        self.hangs = 0
+        self.client: str | None = None
+        self.worker_label = NO_WORKER
+        self.model: str | None = None
+        self.continue_sent = False
+        self.peer: str | None = None  # the client's address (who a 500 was for, without a fairness key)
 
 
-class Supervisor:
-    def __init__(self, loaded: LoadedConfig, runtime_dir: Path, base_env: dict[str, str],
-                 nvml_factory=Nvml):
-        self.loaded = loaded
-        self.settings: Settings = loaded.settings
-        self.config_generation = 1
-        self.config_loaded_at = time.time()
-        self.started = time.monotonic()
-        self.metrics = Metrics()
-        self.queue = RequestQueue(self.settings.queue)
-        self.breaker = CircuitBreaker(self.settings.breaker, on_change=self._breaker_changed)
-        self.worker = WorkerManager(self.settings, runtime_dir, base_env, on_change=self._worker_changed,
-                                    on_exit=self._worker_exited, on_down=self._update_open)
-        self.accepting = True
-        self.paused = False  # memory pressure holds dispatch
-        self.shed_below: int | None = None  # levels with a larger index get 503 overloaded
-        self.pressure_level = 0
-        self.gpu_status: dict = {"available": False, "pressure": "ok", "devices": []}
-        self.worker_readings = {"rss_bytes": 0, "gpu_memory_bytes": 0}
+class _WorkerDied(Exception):
+    def __init__(self, reason: str, hang: bool):
+        self.reason = reason
+        self.hang = hang
+
+
+class RequestPath:
+    """Everything between a client's request and its one answer."""
+
+    def __init__(self, sup: Supervisor):
+        self.sup = sup
         self._keys = itertools.count()
         self._rid_prefix = os.urandom(11).hex()
         self._rid_seq = itertools.count()
-        self.active = 0  # requests inside handle(), queued or running
-        self.abandoned = False  # shutdown stopped waiting: nothing more goes to the worker
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._derive()
-        self.metrics.attach_state(self._metrics_state)
-        self._nvml_factory = nvml_factory
-        self.queue.fits = self._gpu_fits
-        self.watcher = self._make_watcher()
-        self._tasks: set[asyncio.Task] = set()
-        self._watch_task: asyncio.Task | None = None
-        self._pressure_streak = 0  # pressure restarts in a row with no relief in between
-        self._last_pressure_restart = -1e9
+        self.derive()
 
-    # -- background work owned here: the memory watcher and one-shot worker calls ---------------
-    def _make_watcher(self) -> GpuWatcher:
-        s = self.settings
-        return GpuWatcher(s.gpu, s.host.thresholds, self._worker_pid, self._nvml_factory,
-                          worker_env=self.worker.worker_env(), priorities=s.queue.priorities,
-                          on_reading=self._on_reading)
-
-    def start(self) -> None:
-        self._watch_task = asyncio.create_task(self.watcher.run(), name="gpu-watch")
-
-    async def aclose(self) -> None:
-        tasks = [t for t in (self._watch_task, *self._tasks) if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks.clear()
-
-    def _spawn_task(self, coro) -> None:
-        t = asyncio.create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
-    def _worker_pid(self) -> int | None:
-        inc = self.worker.current
-        return inc.pid if inc is not None and inc.pid and not inc.exited.is_set() else None
-
-    def _gpu_fits(self, mb: int) -> bool:
-        """Is there `mb` MiB free on every GPU the worker sees, after what running requests reserved?"""
-        r = self.watcher.reading
-        if r is None or not r.devices or not self.watcher.available:
-            return True  # no GPU figures: nothing to wait for
-        free = min(d.memory_total_bytes - d.memory_used_bytes for d in r.devices)
-        return free - self.queue.reserved_mb * 1048576 >= mb * 1048576
-
-    def _on_reading(self, r: Reading) -> None:
-        d = self.watcher.decision
-        self.gpu_status = self.watcher.status()
-        self.worker_readings = {"rss_bytes": r.worker_rss_bytes or 0,
-                                "gpu_memory_bytes": r.worker_gpu_memory_bytes or 0}
-        level = int(d.level)
-        if level != self.pressure_level:
-            log.warning("pressure_level", old=Level(self.pressure_level).label, new=Level(level).label,
-                        shed_below=d.shed_below, pause=d.pause,
-                        gpu=[round(x.ratio, 4) for x in r.devices if x.ratio is not None],
-                        host=round(r.host_ratio, 4) if r.host_ratio is not None else None)
-            self.pressure_level = level
-        self.shed_below = d.shed_below_index
-        self.queue.pools["default"].cap = d.concurrency_cap
-        if d.pause != self.paused:
-            self.paused = d.pause
-            self.metrics.pressure_actions.labels("pause" if d.pause else "resume").inc()
-        if d.cleanup:
-            self.metrics.pressure_actions.labels("cleanup").inc()
-            self._spawn_task(self._call_cleanup())
-        serving = self.worker.state in SERVING_STATES
-        if level < 3:
-            self._pressure_streak = 0
-        if d.restart and serving:
-            now = time.monotonic()
-            # a restart that did not relieve the pressure (another process holds the memory) is not
-            # repeated at once: each one in a row waits twice as long as the last
-            base = max(1.0, self.settings.gpu.actions.critical.restart_after_s or 0)
-            wait = base * 2 ** min(self._pressure_streak, 6)
-            if now - self._last_pressure_restart >= wait or self._pressure_streak == 0:
-                self._pressure_streak += 1
-                self._last_pressure_restart = now
-                self.metrics.pressure_actions.labels("restart").inc()
-                log.warning("pressure_restart", level=Level(level).label, in_a_row=self._pressure_streak)
-                self.worker.request_restart(ExitReason.PRESSURE)
-        elif serving and not r.stale:
-            leak = leak_due(r.worker_rss_bytes, r.worker_gpu_memory_bytes, self.settings.worker.recycle)
-            if leak is not None:
-                log.warning("worker_recycle", why=leak, rss_bytes=r.worker_rss_bytes,
-                            gpu_memory_bytes=r.worker_gpu_memory_bytes)
-                self.worker.request_restart(ExitReason.RECYCLE)
-        self._update_open()
-
-    async def _call_cleanup(self) -> None:
-        """POST /cleanup on the worker's own connection; a worker without one answers 404: fine."""
-        inc = self.worker.current
-        if inc is None or inc.exited.is_set():
-            return
-        head = b"POST /cleanup HTTP/1.1\r\nHost: worker\r\nContent-Length: 0\r\n\r\n"
-        conn = None
-        try:
-            async with asyncio.timeout(self.settings.worker.health.timeout_s * 5):
-                conn = await inc.pool.connect()
-                await conn.start(head, None, False)
-                while await conn.read():
-                    pass
-            log.info("worker_cleanup", status=conn.status, worker_pid=inc.pid)
-        except (TimeoutError, UpstreamError) as exc:
-            log.warning("worker_cleanup_failed", error=str(exc), worker_pid=inc.pid)
-        finally:
-            if conn is not None:
-                conn.abort()
-
-    # -- settings ------------------------------------------------------------------------------
-    def _derive(self) -> None:
-        s = self.settings
+    def derive(self) -> None:
+        s = self.sup.settings
+        self.settings = s
         self._prio_header = s.queue.priority_header
         self._timeout_header = s.queue.timeout_header
         self._retry_methods = frozenset(s.retry.methods)
@@ -202,160 +119,277 @@ class Supervisor:
         self._default_level = self._level_index[s.queue.default_priority]
         self._level_timeouts = [s.queue.level_timeout(n) for n in self._level_names]
         self._allowed_levels = ", ".join(self._level_names)
+        self._by_model = s.routes_by_model
+        self._fairness = s.queue.fairness if s.queue.fairness.key is not None else None
 
-    def apply(self, loaded: LoadedConfig) -> None:
-        """Take a new, valid configuration at once; a changed worker section replaces the worker."""
-        self.loaded = loaded
-        self.config_generation += 1
-        self.config_loaded_at = time.time()
-        old = self.settings
-        self.settings = loaded.settings
-        self._derive()
-        self.queue.configure(self.settings.queue)
-        self.breaker.reconfigure(self.settings.breaker)
-        if self.worker.degraded:
-            log.info("fallback_cleared", reason="operator reload")
-            self.worker.degraded = None
-            self.worker.env_override = {}
-            self.worker.oom_restarts = 0
-            self.worker.request_restart(ExitReason.RELOAD)
-        self.worker.reconfigure(self.settings)
-        if (old.gpu, old.host, old.queue.priorities) != (self.settings.gpu, self.settings.host,
-                                                          self.settings.queue.priorities):
-            if self._watch_task is not None:
-                self._watch_task.cancel()
-                self._spawn_task(_await_quietly(self._watch_task))
-            self.watcher = self._make_watcher()
-            if self._watch_task is not None:
-                self.start()
-        self.watcher.set_worker_env(self.worker.worker_env())
-        self._update_open()
-
-    # -- callbacks from the breaker and the worker manager --------------------------------------
-    def _breaker_changed(self, old: BreakerState, new: BreakerState, reason: str) -> None:
-        log.info("breaker_state", old=old.value, new=new.value, reason=reason)
-        self.metrics.breaker_transitions.labels(new.value).inc()
-
-    def _worker_changed(self, old: WorkerState, new: WorkerState, reason: str) -> None:
-        if new is WorkerState.READY and old is WorkerState.STARTING:
-            if self.worker.last_start_s is not None:
-                self.metrics.worker_start.observe(self.worker.last_start_s)
-            self.breaker.release_forced("worker ready")
-        elif new is WorkerState.FAILED:
-            self.breaker.force_open("worker crash loop")
-        self._update_open()
-
-    def _worker_exited(self, info: ExitInfo) -> None:
-        self.metrics.worker_restarts.labels(info.reason.value).inc()
-        fb = self.settings.fallback
-        if (info.reason is ExitReason.OOM and not self.worker.degraded
-                and fallback_due(self.worker.oom_restarts, fb.cpu_after_oom_restarts)):
-            self.worker.env_override = dict(fb.env)
-            self.worker.degraded = "cpu-fallback"
-            self.watcher.set_worker_env(self.worker.worker_env())
-            self.metrics.pressure_actions.labels("cpu_fallback").inc()
-            log.warning("fallback_engaged", mode="cpu-fallback", oom_restarts=self.worker.oom_restarts,
-                        env=fb.env)
-
-    def _update_open(self) -> None:
-        inc = self.worker.current
-        self.queue.open = (self.worker.state in SERVING_STATES and inc is not None and not inc.exited.is_set()
-                           and not self.paused and not self.worker.replacing)
-        if self.queue.open:
-            self.queue.pump()
-
-    # -- readiness -----------------------------------------------------------------------------
-    def readiness(self) -> tuple[bool, list[str]]:
-        why = []
-        if not self.accepting:
-            why.append("draining: shutting down")
-        if self.worker.state not in SERVING_STATES:
-            why.append(f"worker {self.worker.state.value}")
-        if self.breaker.state in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
-            why.append(f"breaker {self.breaker.state.value}")
-        return not why, why
-
-    # -- the request path ----------------------------------------------------------------------
-    def _new_request_id(self) -> str:
+    def new_request_id(self) -> str:
         # unique per process start (random prefix) and cheap: no syscall per request
         return f"{self._rid_prefix}{next(self._rid_seq):010x}"
 
-    async def wait_idle(self, timeout: float, give_up: asyncio.Event) -> bool:
-        """Wait until no request is queued or running (drain); False if time ran out first."""
-        waiters = [asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(give_up.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-        return self.active == 0
-
-    def drain_deadline_now(self) -> None:
-        """Shutdown stops waiting (drain timeout, second signal): queued requests get 503 at once and
-        none is sent (or retried) to the worker again; what runs ends with the worker's stop."""
-        if self.abandoned:
-            return
-        self.abandoned = True
-        log.warning("drain_abandoned", left=self.active, queued=self.queue.total)
-        self.queue.fail_waiting(self._shutting_down)
-
-    def _shutting_down(self) -> Rejected:
-        return Rejected("shutting_down", "the supervisor is shutting down", self.settings.drain.timeout_s)
-
+    # -- the one entry point -------------------------------------------------------------------
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        self.active += 1
-        self._idle.clear()
-        try:
-            return await self._handle(request)
-        finally:
-            self.active -= 1
-            if self.active == 0:
-                self._idle.set()
-
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         t0 = time.monotonic()
         rid = request.headers.get("X-Request-ID")
-        level = self._default_level
-        attempts = 0
+        call = Call(rid or "", t0, request.method, request.path, self._default_level)
         try:
             if rid is None:
-                rid = self._new_request_id()
+                call.rid = self.new_request_id()
             elif not REQUEST_ID_RE.match(rid):
-                rid = self._new_request_id()
+                call.rid = self.new_request_id()
                 raise Rejected("bad_request", "X-Request-ID: must be 1-200 visible ASCII characters")
-            route = self.settings.route_for(request.method, request.path) if self.settings.routes else None
-            level = self._parse_priority(request, route)
-            queue_limit, deadline = self._parse_deadline(request, route, level, t0)
-            resp, attempts = await self._admit_and_forward(request, route, level, queue_limit, deadline, t0, rid)
+            if request.version < (1, 0):
+                # HTTP/0.9 has no status line or headers to answer with: refuse it by closing
+                self.reject(Rejected("bad_request", "HTTP/0.9 is not supported"), call.rid)
+                self._observe(call, 400)
+                request.transport.close()
+                raise asyncio.CancelledError
+            self._check_request_line(request)
+            if call.method == "GET" and call.path == "/v1/models" and self.sup.fleet.served_models():
+                resp = self._models(call)
+            else:
+                resp = await self._serve(request, call)
         except Rejected as r:
-            resp = self._reject(r, rid)
+            resp = self.reject(r, call.rid)
         except asyncio.CancelledError:
             # the client went away (queued, running or mid-stream): counted as nginx does, 499
-            self.metrics.observe_request(self._level_names[level], CLIENT_CLOSED, time.monotonic() - t0)
+            self._observe(call, CLIENT_CLOSED)
             raise
-        code = resp.status
-        self.metrics.observe_request(self._level_names[level], code, time.monotonic() - t0)
+        self._observe(call, resp.status)
         if self.settings.logging.access:
-            access_log.info("request", request_id=rid, method=request.method, path=request.path, status=code,
-                            priority=self._level_names[level], attempts=attempts,
-                            duration_ms=round((time.monotonic() - t0) * 1000, 3))
+            access_log.info("request", request_id=call.rid, method=call.method, path=call.path, status=resp.status,
+                            priority=self._level_names[max(call.level, 0)], worker=call.worker_label,
+                            attempts=call.attempt, duration_ms=round((time.monotonic() - t0) * 1000, 3))
         return resp
 
-    def _reject(self, r: Rejected, rid: str | None) -> web.Response:
+    def _models(self, call: Call) -> web.Response:
+        """Every worker's models, as OpenAI lists them, with whether the worker is loaded now."""
+        data = []
+        for g in self.sup.fleet.groups.values():
+            loaded = any(r.manager.serving for r in g.replicas)
+            for m in g.models:
+                data.append({"id": m, "object": "model", "created": 0, "owned_by": g.name,
+                             "status": "loaded" if loaded else "unloaded", "worker": g.name})
+        return web.json_response({"object": "list", "data": data}, headers={"X-Request-ID": call.rid})
+
+    def _observe(self, call: Call, code: int) -> None:
+        level = call.level if call.level >= 0 else self._default_level
+        self.sup.metrics.observe_request(self._level_names[level], code, time.monotonic() - call.t0,
+                                         call.worker_label)
+
+    def reject(self, r: Rejected, rid: str | None) -> web.Response:
         if r.etype in REJECT_REASONS:
-            self.metrics.rejected.labels(r.etype).inc()
-        return error_response(r.etype, r.message, rid, r.retry_after_s, self._degraded_header())
+            self.sup.metrics.rejected.labels(r.etype).inc()
+        return error_response(r.etype, r.message, rid, r.retry_after_s, self.sup.degraded_header())
 
-    def _degraded_header(self) -> dict[str, str] | None:
-        d = self.worker.degraded
-        return {"X-Degraded": d} if d else None
+    @staticmethod
+    def _check_request_line(request: web.BaseRequest) -> None:
+        """What RFC 9110/9112 say a reverse proxy refuses: CONNECT (no tunnels here), asterisk-form."""
+        if request.method == "CONNECT":
+            raise Rejected("bad_request", "CONNECT: this is a reverse proxy for model services, not a tunnel")
+        if request.raw_path == "*" and request.method != "OPTIONS":
+            raise Rejected("bad_request", "the asterisk-form request target is for OPTIONS only")
 
-    def _parse_priority(self, request: web.BaseRequest, route: Route | None) -> int:
+    # -- parse, route, admit -------------------------------------------------------------------
+    async def _serve(self, request: web.BaseRequest, call: Call) -> web.StreamResponse:
+        sup = self.sup
+        s = self.settings
+        if not sup.accepting:
+            raise Rejected("shutting_down", "the supervisor is shutting down", s.drain.timeout_s)
+        call.level = self._parse_priority(request)
+        cl = request.content_length
+        max_body = s.limits.max_body_bytes
+        if cl is not None and cl > max_body:
+            raise Rejected("payload_too_large", f"Content-Length {cl} is over limits.max_body_bytes ({max_body})")
+        call.peer = request.remote
+        if self._fairness is not None:
+            call.client = client_key(self._fairness, request.headers, request.remote)
+        # the JSON body's `model` picks the worker: read it only when it can matter, and only when it
+        # is small enough to buffer (model routing reads bodies up to retry.max_body_bytes)
+        route = s.route_for(call.method, call.path) if s.routes else None
+        if (self._by_model and request.body_exists and cl is not None and cl <= s.retry.max_body_bytes
+                and (route is None or route.worker is None or _has_model_routes(s))
+                and "json" in request.headers.get("Content-Type", "json")):
+            self._precheck(call)  # refuse what is sure to be refused before taking the body
+            await self._send_continue(request, call)
+            call.body = await self._read_body(request)
+            call.model = _body_model(call.body)
+            route = s.route_for(call.method, call.path, call.model) if s.routes else None
+        call.route = route
+        self._place(call)
+        self._parse_deadline(request, call)
+        self._admission(call)
+        await self._send_continue(request, call)
+        if call.body is None:
+            if not request.body_exists:
+                call.body = b""
+            elif cl is not None and cl <= s.retry.max_body_bytes:
+                call.body = await self._read_body(request)
+        if route is not None and route.retry is not None:
+            call.retry_ok = route.retry
+        else:
+            call.retry_ok = call.method in self._retry_methods
+        if call.body is None:
+            call.retry_ok = False  # streamed through: it cannot be sent twice
+        call.max_attempts = s.retry.max_attempts if call.retry_ok else 1
+        if self.sup.jobs is not None and wants_async(request.headers.getall("Prefer", ())):
+            return await self._submit_job(request, call)
+        return await self._dispatch(call, lambda replica, ticket: self._exchange(request, call, replica, ticket))
+
+    # -- async jobs ----------------------------------------------------------------------------
+    async def _submit_job(self, request: web.BaseRequest, call: Call) -> web.Response:
+        """`Prefer: respond-async`: store the request durably, answer 202; it runs later like any other."""
+        jobs = self.sup.jobs
+        if call.body is None:
+            call.body = await self._read_body(request)  # a job keeps its body (up to limits.max_body_bytes)
+        raw = request.headers.get(self._timeout_header)
+        timeout_s = None if raw is None else (call.deadline - call.t0 if call.deadline is not None else None)
+        route = call.route
+        if timeout_s is None and route is not None and route.timeout_s is not None:
+            timeout_s = route.timeout_s
+        req = job_request(call.method, request.raw_path, request.headers.items(), call.body, now=jobs.now(),
+                          priority=self._level_names[call.level], timeout_s=timeout_s,
+                          retry_safe=call.retry_ok or call.method in self._retry_methods,
+                          worker=call.worker_label, fairness_key=call.client)
+        try:
+            job, _ = await jobs.submit(req)
+        except JOB_SUBMIT_ERRORS as exc:
+            if isinstance(exc, StoreUnavailable):
+                self.sup.metrics.rejected.labels("jobs_unavailable").inc()
+            return submit_error_response(exc, call.rid)
+        return submit_response(job, jobs.now(), call.rid)
+
+    def has_free_slot(self, req: JobRequest) -> bool:
+        """Whether a job could start now without waiting: its worker serves and has a free slot."""
+        try:
+            call = self._job_call(req)
+        except Rejected:
+            return True  # it will fail at once: let it, so it ends
+        g = call.group
+        p = g.queue.pools.get(call.pool)
+        return p is not None and g.queue.open and p.waiting == 0 and p.in_use < p.slots
+
+    def _job_call(self, req: JobRequest) -> Call:
+        path = req.target.split("?", 1)[0]
+        call = Call(self.new_request_id(), time.monotonic(), req.method, path, self._default_level)
+        if req.priority in self._level_index:
+            call.level = self._level_index[req.priority]
+        call.body = req.body
+        call.client = req.fairness_key
+        call.model = _body_model(req.body) if self._by_model else None
+        s = self.settings
+        call.route = s.route_for(call.method, path, call.model) if s.routes else None
+        if req.worker in self.sup.fleet.groups and (call.route is None or call.route.worker is None):
+            call.group = self.sup.fleet.groups[req.worker]
+            call.worker_label = req.worker
+            if call.route is not None:
+                call.pool, call.gpu_mb = call.route.pool, call.route.gpu_memory_mb
+        else:
+            self._place(call)
+        call.queue_limit = self._level_timeouts[call.level]
+        if req.deadline_at is not None:
+            left = req.deadline_at - time.time()
+            if left <= 0:
+                raise Rejected("queue_timeout", "the job's deadline (X-Request-Timeout at submission) passed")
+            call.deadline = call.t0 + left
+            call.queue_limit = min(call.queue_limit, left)
+        elif call.route is not None and call.route.timeout_s is not None:
+            call.deadline = call.t0 + call.route.timeout_s
+        call.retry_ok = req.retry_safe
+        call.max_attempts = s.retry.max_attempts if call.retry_ok else 1
+        return call
+
+    async def run_job(self, req: JobRequest, attempt: int, max_result_bytes: int) -> JobResult:
+        """One delivery of a job through the same routes, queue, replicas and retries as a request.
+        Takes its queue slot before its first await (the job manager counts on it)."""
+        try:
+            call = self._job_call(req)
+            call.rid = f"job-{req.id}-{attempt}"
+            self._admission(call)
+            result = await self._dispatch(call, lambda replica, ticket: self._collect(
+                req, call, replica, ticket, max_result_bytes))
+        except Rejected as r:
+            self._observe(call if "call" in locals() else Call("", time.monotonic(), req.method, "", 0),
+                          ERROR_TYPES[r.etype][0])
+            raise JobFailed(r.etype, r.message) from None
+        self._observe(call, result.status)
+        return result
+
+    async def _collect(self, req: JobRequest, call: Call, replica: Replica, ticket: Ticket,
+                       max_bytes: int) -> JobResult:
+        """One exchange whose whole answer is kept (an SSE answer included), up to `max_bytes`."""
+        inc = replica.manager.current
+        assert inc is not None
+        key = next(self._keys)
+        ex = replica.manager.begin_request(inc, key)
+        outcome = _Outcome(replica, call, time.monotonic(), inc, key)
+        head = self._head(call, req.target, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in req.headers],
+                          b"", b"http")
+        conn = None
+        try:
+            async with asyncio.timeout(None if call.deadline is None else max(0.0, call.deadline - time.monotonic())):
+                conn, _ = await inc.pool.get()
+                ex.conn = conn
+                await conn.start(head, call.body, call.method == "HEAD")
+                outcome.status = conn.status
+                outcome.oom = _is_oom(conn.headers)
+                ctype = next((v.decode("latin-1") for k, v in conn.headers if k.lower() == b"content-type"), None)
+                chunks, size = [], 0
+                while chunk := await conn.read():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise JobFailed("result_too_large", f"the answer is over jobs.max_result_bytes ({max_bytes})")
+                    chunks.append(chunk)
+            inc.pool.put(conn)
+            conn = None
+            outcome.record()
+            return JobResult(status=outcome.status, content_type=ctype, body=b"".join(chunks))
+        except TimeoutError:
+            outcome.fail()
+            raise Rejected("timeout", "the job ran past its deadline") from None
+        except UpstreamError as exc:
+            if await _died(inc, exc):
+                replica.breaker.release_probe()
+                raise _WorkerDied("worker_crashed", inc.requested is ExitReason.HANG) from None
+            outcome.fail()
+            raise Rejected("worker_error", f"the worker gave no valid answer: {exc.detail}") from None
+        except BaseException:
+            replica.breaker.release_probe()
+            raise
+        finally:
+            if conn is not None:
+                conn.abort()  # cancelled (DELETE /jobs/{id}) or failed: closing tells the worker to stop
+            outcome.finish(ticket)
+            self.sup.jobs_slot_free()
+
+    def _place(self, call: Call) -> None:
+        """The worker group and the route's policy for this call."""
+        fleet = self.sup.fleet
+        route = call.route
+        group = None
+        if route is not None and route.worker is not None:
+            group = fleet.groups.get(route.worker)
+        elif call.model is not None:
+            group = fleet.group_for_model(call.model)
+            if group is None:
+                unknown = [g for g in fleet.groups.values() if not g.models]
+                if unknown:
+                    group = unknown[0]  # its models are not known yet: it may serve this one
+                else:
+                    served = fleet.served_models()
+                    raise Rejected("model_not_found", f"model {call.model!r} is not served here; "
+                                   f"served models: {', '.join(served)}")
+        if group is None:
+            group = next(iter(fleet.groups.values()))
+        call.group = group
+        call.worker_label = group.name
+        if route is not None:
+            call.pool = route.pool
+            call.gpu_mb = route.gpu_memory_mb
+
+    def _parse_priority(self, request: web.BaseRequest) -> int:
         raw = request.headers.get(self._prio_header)
         if raw is None:
-            if route is not None and route.priority is not None:
-                return self._level_index[route.priority]
-            return self._default_level
+            return -1  # decided by the route, once known
         v = raw.strip()
         idx = self._level_index.get(v)
         if idx is None and v.isdigit() and int(v) < len(self._level_names):
@@ -365,8 +399,12 @@ class Supervisor:
                            f"{self._allowed_levels} or an index 0..{len(self._level_names) - 1} (0 is highest)")
         return idx
 
-    def _parse_deadline(self, request, route, level, t0) -> tuple[float, float | None]:
-        queue_limit = self._level_timeouts[level]
+    def _parse_deadline(self, request: web.BaseRequest, call: Call) -> None:
+        route = call.route
+        if call.level < 0:
+            call.level = (self._level_index[route.priority] if route is not None and route.priority is not None
+                          else self._default_level)
+        call.queue_limit = self._level_timeouts[call.level]
         total = route.timeout_s if route is not None else None
         raw = request.headers.get(self._timeout_header)
         if raw is not None:
@@ -377,9 +415,53 @@ class Supervisor:
             if not (t > 0) or not math.isfinite(t):
                 raise Rejected("bad_request", f"{self._timeout_header}: {raw[:64]!r} is not a number of seconds; "
                                "use a positive number such as 2.5 (it can only shorten the policy's deadline)")
-            queue_limit = min(queue_limit, t)
+            call.queue_limit = min(call.queue_limit, t)
             total = t if total is None else min(total, t)
-        return queue_limit, (t0 + total if total is not None else None)
+        call.deadline = call.t0 + total if total is not None else None
+
+    def _precheck(self, call: Call) -> None:
+        """Refusals that hold whatever worker the body names (before taking the body)."""
+        lvl = call.level if call.level >= 0 else self._default_level
+        if sheds(lvl, self.sup.pressure.shed_below):
+            call.level = lvl
+            raise self._overloaded(lvl)
+
+    async def _send_continue(self, request: web.BaseRequest, call: Call) -> None:
+        """`Expect: 100-continue`: say go ahead only once the request is admitted, so a request that
+        will be refused is refused before its body is sent."""
+        if call.continue_sent or request.version < (1, 1):
+            return
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return
+        call.continue_sent = True
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _overloaded(self, level: int) -> Rejected:
+        p = self.sup.pressure
+        return Rejected("overloaded", f"memory pressure ({Level(p.level).label}): priority "
+                        f"{self._level_names[level]} is shed for now", p.retry_after())
+
+    def _admission(self, call: Call) -> None:
+        now = time.monotonic()
+        g = call.group
+        assert g is not None
+        if not g.any_breaker_allows(now):
+            raise Rejected("circuit_open", f"worker {g.name} keeps failing; the circuit breaker is open",
+                           g.breaker_retry_after(now))
+        if sheds(call.level, self.sup.pressure.shed_below):
+            raise self._overloaded(call.level)
+        try:
+            g.queue.check_room(call.level, call.client)
+        except QueueFull as full:
+            raise self._queue_full(g, full, call) from None
+
+    def _queue_full(self, g: WorkerGroup, full: QueueFull, call: Call) -> Rejected:
+        name = self._level_names[call.level]
+        if full.scope == "key":
+            return Rejected("queue_full", f"this client has queue.fairness.max_queued_per_key requests waiting "
+                            f"at priority {name}", g.queue.estimate_wait_key(call.level, call.pool, call.client))
+        what = f"priority {name} queue is full" if full.scope == "level" else "the queue is full"
+        return Rejected("queue_full", f"worker {g.name}: {what}", g.queue.estimate_wait(call.level, call.pool))
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         try:
@@ -388,190 +470,150 @@ class Supervisor:
             raise Rejected("payload_too_large", f"request body over limits.max_body_bytes "
                            f"({self.settings.limits.max_body_bytes} bytes)") from None
 
-    async def _admit_and_forward(self, request, route, level, queue_limit, deadline, t0, rid):
-        s = self.settings
-        max_body = s.limits.max_body_bytes
-        cl = request.content_length
-        if cl is not None and cl > max_body:
-            raise Rejected("payload_too_large", f"Content-Length {cl} is over limits.max_body_bytes ({max_body})")
-        self._admission(level, route, t0)
-        if route is not None and route.retry is not None:
-            retry_ok = route.retry
-        else:
-            retry_ok = request.method in self._retry_methods
-        body: bytes | None = None
-        if not request.body_exists:
-            body = b""
-        elif cl is not None and cl <= s.retry.max_body_bytes:
-            body = await self._read_body(request)
-        else:
-            retry_ok = False  # streamed through: it cannot be sent twice
-        max_attempts = s.retry.max_attempts if retry_ok else 1
-        pool = route.pool if route is not None else "default"
-        gpu_mb = route.gpu_memory_mb if route is not None else 0
-        attempt = 0
-        queued_s = 0.0
+    # -- queue and replicas --------------------------------------------------------------------
+    async def _dispatch(self, call: Call, run):
+        g = call.group
+        assert g is not None
+        sup = self.sup
         requeued = False
         while True:
-            if self.abandoned:
-                raise self._shutting_down()
-            attempt += 1
-            ticket, waited = await self._wait_slot(level, pool, gpu_mb, queue_limit, deadline,
-                                                   attempt > 1 or requeued)
-            queued_s += waited
-            inc = self.worker.current
+            if sup.abandoned:
+                raise sup.shutting_down()
+            call.attempt += 1
+            ticket = await self._wait_slot(call, call.attempt > 1 or requeued)
+            replica = None
             try:
                 now = time.monotonic()
-                if not self.breaker.allow(now):
-                    raise Rejected("circuit_open", "the worker keeps failing; the circuit breaker is open",
-                                   self.breaker.retry_after(now) or 1.0)
-                if inc is None or inc.exited.is_set() or self.worker.state not in SERVING_STATES:
-                    # granted, then the worker died or began to drain (reload, recycle) before this
-                    # task ran: nothing reached it; back to the front, to wait for the next worker
-                    self.breaker.release_probe()
-                    attempt -= 1
+                replica = g.pick(now)
+                if replica is None or not replica.breaker.allow(now):
+                    if not g.any_breaker_allows(now):
+                        raise Rejected("circuit_open", f"worker {g.name} keeps failing; the circuit breaker is open",
+                                       g.breaker_retry_after(now) or 1.0)
+                    # granted, then the replica died or began to drain before this task ran: nothing
+                    # reached it; back to the front, to wait for a serving replica
+                    call.attempt -= 1
                     requeued = True
                     continue
-                resp = await self._exchange(request, inc, body, deadline, rid, queued_s, attempt, ticket)
-                return resp, attempt
+                return await run(replica, ticket)
             except _WorkerDied as died:
-                if self.abandoned:
-                    raise self._shutting_down() from None
-                if attempt < max_attempts and (deadline is None or deadline > time.monotonic()):
-                    self.metrics.retries.labels(died.reason).inc()
-                    log.info("request_retry", request_id=rid, attempt=attempt + 1, reason=died.reason,
-                             worker_pid=inc.pid if inc else None)
+                if sup.abandoned:
+                    raise sup.shutting_down() from None
+                call.hangs += died.hang
+                if call.hangs >= HANGS_BEFORE_POISON:
+                    log.error("poison_request", request_id=call.rid, worker=g.name, hung_workers=call.hangs,
+                              action="not tried again")
+                    raise Rejected("timeout", f"this request was in flight on {call.hangs} workers that hung; "
+                                   "it is not tried again") from None
+                if call.attempt < call.max_attempts and (call.deadline is None or call.deadline > time.monotonic()):
+                    sup.metrics.retries.labels(died.reason).inc()
+                    log.info("request_retry", request_id=call.rid, attempt=call.attempt + 1, reason=died.reason,
+                             worker=g.name, replica=replica.index if replica else None)
                     continue
                 raise Rejected("worker_crashed", f"the worker died while serving this request ({died.reason}); "
-                               "it was not retried" + ("" if retry_ok else " because it is not safe to repeat"),
-                               self.worker.expected_ready_in()) from None
+                               "it was not retried" + ("" if call.retry_ok else " because it is not safe to repeat"),
+                               g.expected_ready_in()) from None
             finally:
-                self.queue.release(ticket, None)
+                g.queue.release(ticket, None)
 
-    def _admission(self, level: int, route: Route | None, now: float) -> None:
-        if not self.accepting:
-            raise Rejected("shutting_down", "the supervisor is shutting down", self.settings.drain.timeout_s)
-        if not self.breaker.would_allow(now):
-            raise Rejected("circuit_open", "the worker keeps failing; the circuit breaker is open",
-                           self.breaker.retry_after(now))
-        if sheds(level, self.shed_below):
-            raise Rejected("overloaded", f"memory pressure ({Level(self.pressure_level).label}): priority "
-                           f"{self._level_names[level]} is shed for now", self._pressure_retry_after())
-        try:
-            self.queue.check_room(level)
-        except QueueFull as full:
-            raise self._queue_full(full, level, route.pool if route is not None else "default") from None
-
-    def _queue_full(self, full: QueueFull, level: int, pool: str) -> Rejected:
-        what = f"priority {self._level_names[level]} queue is full" if full.scope == "level" else "the queue is full"
-        return Rejected("queue_full", what, self.queue.estimate_wait(level, pool))
-
-    def _pressure_retry_after(self) -> float:
-        return max(1.0, self.settings.gpu.poll_interval_s * 2)
-
-    async def _wait_slot(self, level, pool, gpu_mb, queue_limit, deadline, front) -> tuple[Ticket, float]:
+    async def _wait_slot(self, call: Call, front: bool) -> Ticket:
+        g = call.group
+        assert g is not None
+        name = self._level_names[call.level]
         now = time.monotonic()
+        if not any(r.manager.started for r in g.replicas):
+            self.sup.wake_worker(g)  # on demand: the first request starts it
         try:
-            ticket = self.queue.acquire(level, pool, now, gpu_mb, front)
+            ticket = g.queue.acquire(call.level, call.pool, now, call.gpu_mb, front, key=call.client)
         except QueueFull as full:
-            raise self._queue_full(full, level, pool) from None
+            raise self._queue_full(g, full, call) from None
         if ticket.state == GRANTED:
-            self.metrics.observe_wait(self._level_names[level], 0.0)
-            return ticket, 0.0
-        limit = queue_limit if deadline is None else min(queue_limit, deadline - now)
+            self.sup.metrics.observe_wait(name, 0.0)
+            return ticket
+        limit = call.queue_limit if call.deadline is None else min(call.queue_limit, call.deadline - now)
         try:
             async with asyncio.timeout(max(0.0, limit)):
                 await ticket.future
         except TimeoutError:
-            self.queue.cancel(ticket)
+            g.queue.cancel(ticket)
             waited = time.monotonic() - now
-            self.metrics.observe_wait(self._level_names[level], waited)
-            if self.worker.state not in SERVING_STATES:
-                raise Rejected("worker_unavailable", f"the worker is {self.worker.state.value} and did not come "
+            self.sup.metrics.observe_wait(name, waited)
+            if not g.serving():
+                raise Rejected("worker_unavailable", f"worker {g.name} is {g.state_summary()} and did not come "
                                f"back within this request's wait limit ({limit:.3g}s)",
-                               self.worker.expected_ready_in()) from None
-            if self.paused:
+                               self.sup.unavailable_retry_after(g)) from None
+            if g.paused:
                 raise Rejected("overloaded", "memory pressure has paused dispatch",
-                               self._pressure_retry_after()) from None
+                               self.sup.pressure.retry_after()) from None
             raise Rejected("queue_timeout", f"waited {waited:.3g}s in the queue, the limit for priority "
-                           f"{self._level_names[level]}", self.queue.estimate_wait(level, pool)) from None
+                           f"{name}", g.queue.estimate_wait(call.level, call.pool)) from None
         except BaseException:
-            self.queue.cancel(ticket)  # the client left while queued: the worker never sees it
+            g.queue.cancel(ticket)  # the client left while queued: the worker never sees it
             raise
         waited = time.monotonic() - now
-        self.metrics.observe_wait(self._level_names[level], waited)
-        return ticket, waited
+        call.queued_s += waited
+        self.sup.metrics.observe_wait(name, waited)
+        return ticket
 
-    async def _exchange(self, request, inc: Incarnation, body, deadline, rid, queued_s, attempt, ticket):
+    # -- one exchange with one replica ---------------------------------------------------------
+    async def _exchange(self, request, call: Call, replica: Replica, ticket: Ticket) -> web.StreamResponse:
+        inc = replica.manager.current
+        assert inc is not None
         key = next(self._keys)
-        self.worker.begin_request(inc, key)
+        ex = replica.manager.begin_request(inc, key)
         t_start = time.monotonic()
-        oom = False
+        outcome = _Outcome(replica, call, t_start, inc, key)
         try:
-            if deadline is None:  # the common case: no timer on the hot path
-                resp, oom = await self._forward(request, inc, body, rid, queued_s, attempt, t_start, None)
-            else:
-                async with asyncio.timeout(max(0.0, deadline - t_start)) as tm:
-                    resp, oom = await self._forward(request, inc, body, rid, queued_s, attempt, t_start, tm)
-            return resp
+            if call.deadline is None:  # the common case: no timer on the hot path
+                return await self._forward(request, call, replica, inc, ex, outcome, ticket, None)
+            async with asyncio.timeout(max(0.0, call.deadline - t_start)) as tm:
+                return await self._forward(request, call, replica, inc, ex, outcome, ticket, tm)
         except TimeoutError:
-            self.breaker.record(False, time.monotonic() - t_start, time.monotonic(), t_start)
+            outcome.fail()
             raise Rejected("timeout", "the request ran past its deadline (route timeout_s or "
                            f"{self._timeout_header})") from None
         except UpstreamError as exc:
-            reason = await self._classify_failure(inc, exc)
-            if reason is not None:
-                self.breaker.release_probe()
-                raise _WorkerDied(reason) from None
-            self.breaker.record(False, time.monotonic() - t_start, time.monotonic(), t_start)
+            died = await _died(inc, exc)
+            if died:
+                replica.breaker.release_probe()  # a worker death belongs to the lifecycle, not the breaker
+                raise _WorkerDied("worker_crashed", inc.requested is ExitReason.HANG) from None
+            outcome.fail()
             raise Rejected("worker_error", f"the worker gave no valid answer: {exc.detail}") from None
         except BaseException:
-            self.breaker.release_probe()  # the client left, or a rejection: no outcome to count
+            replica.breaker.release_probe()  # the client left, or a rejection: no outcome to count
             raise
         finally:
-            self.worker.end_request(inc, key, oom)
-            self.queue.release(ticket, time.monotonic() - t_start)
+            outcome.finish(ticket)
 
-    async def _forward(self, request, inc, body, rid, queued_s, attempt, t_start, tm):
-        """Send, then answer: whole (buffered) or streamed. Records the breaker outcome when it returns."""
-        conn = await self._send(request, inc, body, rid)
+    async def _forward(self, request, call, replica, inc, ex, outcome, ticket, tm):
+        conn = await self._send(request, call, inc)
+        ex.conn = conn
         try:
-            oom = _is_oom(conn.headers)
-            outcome_ok = conn.status < 500 and not oom
-            headers = self._response_headers(conn.headers, rid, queued_s, attempt)
+            outcome.oom = _is_oom(conn.headers)
+            outcome.status = conn.status
+            headers = self._response_headers(conn.headers, call, replica)
             if not conn.complete:
-                return await self._stream(request, conn, inc, headers, rid, tm, t_start, outcome_ok), oom
+                return await self._relay(request, call, conn, inc, ex, headers, outcome, ticket, tm)
             status, data, raw = conn.status, conn.take_buffered(), conn.headers
             inc.pool.put(conn)
         except BaseException:
-            conn.abort()  # the client left or time ran out: closing tells the worker to stop
+            if not outcome.finished:  # (once finished, the connection is back in the pool: not ours)
+                conn.abort()  # the client left or time ran out: closing tells the worker to stop
             raise
-        now = time.monotonic()
-        self.breaker.record(outcome_ok, now - t_start, now, t_start)
-        if request.method == "HEAD":
+        outcome.record()
+        if call.method == "HEAD":
             for k, v in raw:
                 if k.lower() == b"content-length":
                     headers["Content-Length"] = v.decode("latin-1")
-            return web.Response(status=status, headers=headers), oom
-        return web.Response(status=status, body=data, headers=headers), oom
+            return web.Response(status=status, headers=headers)
+        return web.Response(status=status, body=data, headers=headers)
 
-    async def _classify_failure(self, inc: Incarnation, exc: UpstreamError) -> str | None:
-        """Did the worker die (retry elsewhere) or merely misbehave? None means it is alive."""
-        if exc.kind == "protocol":
-            return None
-        try:
-            async with asyncio.timeout(0.5):
-                await inc.exited.wait()
-        except TimeoutError:
-            return None
-        return "worker_crashed"
-
-    async def _send(self, request, inc: Incarnation, body: bytes | None, rid: str) -> UpstreamConnection:
-        head = self._request_head(request, rid, body)
+    async def _send(self, request, call: Call, inc: Incarnation) -> UpstreamConnection:
+        head = self._request_head(request, call)
+        body = call.body
         for _ in range(2):
             conn, reused = await inc.pool.get()
             try:
-                fut = conn.start(head, body, request.method == "HEAD")
+                fut = conn.start(head, body, call.method == "HEAD")
                 if body is None:
                     await self._stream_body(request, conn)
                 await fut
@@ -599,158 +641,227 @@ class Supervisor:
             await conn.drain()
         conn.write(b"0\r\n\r\n")
 
-    def _request_head(self, request, rid: str, body: bytes | None) -> bytes:
-        parts = [request.method.encode(), b" ", request.raw_path.encode("utf-8", "surrogateescape"),
-                 b" HTTP/1.1\r\n"]
-        conn_tokens = ()
-        raw = request.raw_headers
+    def _request_head(self, request, call: Call) -> bytes:
+        target = request.raw_path
+        if not target.startswith("/") and target != "*":
+            # absolute-form (RFC 9112 3.2.2): the worker gets origin-form; Host already names the authority
+            target = request.rel_url.raw_path_qs if hasattr(request.rel_url, "raw_path_qs") else request.path_qs
+        return self._head(call, target, request.raw_headers, (request.remote or "").encode(),
+                          request.scheme.encode())
+
+    def _head(self, call: Call, target: str, raw, peer: bytes, scheme: bytes) -> bytes:
+        parts = [call.method.encode(), b" ", target.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\n"]
+        conn_tokens: tuple[bytes, ...] = ()
         xff = None
         host = None
         for k, v in raw:
             lk = k.lower()
             if lk == b"connection":
-                conn_tokens = tuple(t.strip().lower() for t in v.split(b","))
+                conn_tokens += tuple(t.strip().lower() for t in v.split(b","))
             elif lk == b"x-forwarded-for":
                 xff = v
             elif lk == b"host":
                 host = v
         for k, v in raw:
             lk = k.lower()
-            if lk in HOP_BY_HOP or (conn_tokens and lk in conn_tokens):
+            if lk in HOP_BY_HOP or (conn_tokens and lk in conn_tokens and lk not in NEVER_STRIPPED):
                 continue
             parts += (k, b": ", v, b"\r\n")
-        peer = (request.remote or "").encode()
         parts += (b"X-Forwarded-For: ", xff + b", " + peer if xff else peer, b"\r\n",
-                  b"X-Forwarded-Proto: ", request.scheme.encode(), b"\r\n",
-                  b"X-Request-ID: ", rid.encode(), b"\r\n")
+                  b"X-Forwarded-Proto: ", scheme, b"\r\n",
+                  b"X-Request-ID: ", call.rid.encode(), b"\r\n")
         if host is not None:
             parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+        body = call.body
         if body is None:
             parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        elif body or request.method in ("POST", "PUT", "PATCH"):
+        elif body or call.method in BODY_METHODS:
             parts += (b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n")
         else:
             parts.append(b"\r\n")
         return b"".join(parts)
 
-    def _response_headers(self, raw: list[tuple[bytes, bytes]], rid, queued_s, attempt) -> CIMultiDict:
+    def _response_headers(self, raw: list[tuple[bytes, bytes]], call: Call, replica: Replica) -> CIMultiDict:
         h: CIMultiDict = CIMultiDict()
         for k, v in raw:
             name = k.decode("latin-1")
             if name.lower() in RESPONSE_DROP:
                 continue
             h.add(name, v.decode("latin-1"))
-        h["X-Request-ID"] = rid
-        h["X-Supervisor-Queue-Ms"] = f"{queued_s * 1000:.3f}"
-        h["X-Supervisor-Attempts"] = str(attempt)
-        if self.worker.degraded:
-            h["X-Degraded"] = self.worker.degraded
+        h["X-Request-ID"] = call.rid
+        h["X-Supervisor-Queue-Ms"] = f"{call.queued_s * 1000:.3f}"
+        h["X-Supervisor-Attempts"] = str(call.attempt)
+        if replica.manager.degraded:
+            h["X-Degraded"] = replica.manager.degraded
         return h
 
-    async def _stream(self, request, conn, inc, headers, rid, tm, t_start, outcome_ok):
+    async def _relay(self, request, call, conn, inc, ex, headers, outcome, ticket, tm):
+        """Stream the answer to the client while reading the worker as fast as it sends (nginx-style
+        buffering, memory then disk), so a finished worker answer frees its slot whatever the client's
+        speed; SSE still goes out event by event."""
         resp = web.StreamResponse(status=conn.status, headers=headers)
         for k, v in conn.headers:
             if k.lower() == b"content-length":
                 resp.content_length = int(v)
         sse = headers.get("Content-Type", "").startswith("text/event-stream")
         await resp.prepare(request)
+        lim = self.settings.limits
+        spool = ResponseSpool(max(lim.buffer_bytes, STREAM_CHUNK), lim.spool_dir or tempfile.gettempdir(),
+                              lim.spool_bytes)
+        reader = asyncio.ensure_future(_fill(conn, spool, ex))
+        # the moment the worker's answer is all in, its slot is free (the client may still be reading)
+        reader.add_done_callback(lambda t: self._worker_done(t, conn, inc, outcome, ticket, tm))
+        client_timeout = lim.client_timeout_s
         try:
+            chunks = spool.chunks()
             while True:
-                chunk = await conn.read()
-                if not chunk:
+                try:
+                    chunk = await _next_or_fail(chunks, reader)
+                except StopAsyncIteration:
                     break
-                await resp.write(chunk)
-        except (UpstreamError, TimeoutError, asyncio.CancelledError) as exc:
+                try:
+                    async with asyncio.timeout(client_timeout):
+                        await resp.write(chunk)
+                except TimeoutError:
+                    # the client reads nothing: drop it, never hold the worker for it
+                    log.warning("client_stalled", request_id=call.rid, client_timeout_s=client_timeout)
+                    request.transport.close()
+                    raise asyncio.CancelledError from None
+            if reader.done() and reader.exception() is not None:
+                raise reader.exception()
+        except (UpstreamError, TimeoutError, asyncio.CancelledError, SpoolError) as exc:
             expired = tm is not None and tm.expired()
+            if not reader.done():
+                reader.cancel()
             if isinstance(exc, asyncio.CancelledError) and not expired:
                 raise  # the client left: _forward closes the worker's connection
             # past the deadline the cancellation is the timeout's: the answer has started, so it
             # cannot become a 504 any more; end it here (the timeout then exits quietly)
-            timed_out = not isinstance(exc, UpstreamError)
-            conn.abort()
+            timed_out = not isinstance(exc, UpstreamError | SpoolError)
+            if not outcome.finished:
+                conn.abort()
             if tm is not None and not expired:
                 tm.reschedule(None)  # the deadline must not cut the error event short
-            died = None if timed_out else await self._classify_failure(inc, exc)
-            why = "timeout" if timed_out else "worker_crashed" if died is not None else "worker_error"
+            died = False if timed_out or isinstance(exc, SpoolError) else await _died(inc, exc)
+            why = "timeout" if timed_out else "worker_crashed" if died else "worker_error"
             msg = ("the request ran past its deadline" if timed_out
                    else f"the worker broke off the answer: {getattr(exc, 'detail', exc)}")
-            log.warning("stream_broken", request_id=rid, reason=why, worker_pid=inc.pid)
-            if died is not None:
-                self.breaker.release_probe()  # a worker death belongs to the lifecycle, not the breaker
+            log.warning("stream_broken", request_id=call.rid, reason=why, worker=call.worker_label,
+                        worker_pid=inc.pid)
+            if died:
+                outcome.replica.breaker.release_probe()
             else:
-                self.breaker.record(False, time.monotonic() - t_start, time.monotonic(), t_start)
+                outcome.fail()
             if sse:
-                await resp.write(error_event(why, msg, rid))
+                await resp.write(error_event(why, msg, call.rid))
                 await resp.write_eof()
             else:
                 request.transport.close()  # no terminating chunk: the client sees a broken body
             return resp
-        inc.pool.put(conn)
-        self.breaker.record(outcome_ok, time.monotonic() - t_start, time.monotonic(), t_start)
+        finally:
+            spool.close()
         await resp.write_eof()
         return resp
 
-    # -- status and metrics --------------------------------------------------------------------
-    def status(self) -> dict:
-        from . import __version__
-        ready, why = self.readiness()
+    def _worker_done(self, reader: asyncio.Future, conn, inc, outcome, ticket, tm) -> None:
+        """The worker's answer is all in: free its slot now, whatever the client still has to read."""
+        if outcome.finished or reader.cancelled() or reader.exception() is not None:
+            return
+        inc.pool.put(conn)
+        outcome.record()
+        outcome.finish(ticket)
+        if tm is not None and not tm.expired():
+            tm.reschedule(None)  # the deadline is the worker's; the client's pace is bounded separately
+
+
+async def _fill(conn: UpstreamConnection, spool: ResponseSpool, ex) -> None:
+    """Read the worker's answer into the spool as fast as it comes; past the spool's limits, wait for
+    the client (then the exchange counts as held up by the client, never as a stalled worker)."""
+    piece = spool.memory_limit  # whatever conn.read() gathered, the spool takes it in pieces that fit
+    while data := await conn.read():
+        for i in range(0, len(data), piece):
+            chunk = data[i:i + piece] if len(data) > piece else data
+            try:
+                await spool.append(chunk)
+            except SpoolFull:
+                ex.client_wait = True
+                try:
+                    await spool.wait_drained()  # everything sent: a piece fits in memory now
+                    await spool.append(chunk)
+                finally:
+                    ex.client_wait = False
+    spool.finish()
+
+
+async def _next_or_fail(chunks, reader: asyncio.Future) -> bytes:
+    """The next spooled chunk, or the reader's error as soon as it fails (never wait on a dead reader)."""
+    nxt = asyncio.ensure_future(chunks.__anext__())
+    try:
+        await asyncio.wait((nxt, reader), return_when=asyncio.FIRST_COMPLETED)
+        if nxt.done():
+            return nxt.result()
+        exc = reader.exception() if not reader.cancelled() else None
+        if exc is not None:
+            raise exc
+        return await nxt  # the reader finished cleanly: what is left in the spool
+    finally:
+        if not nxt.done():
+            nxt.cancel()
+
+
+class _Outcome:
+    """What one exchange tells the replica's breaker and the queue, told once."""
+
+    __slots__ = ("replica", "call", "t_start", "inc", "key", "status", "oom", "recorded", "finished")
+
+    def __init__(self, replica: Replica, call: Call, t_start: float, inc: Incarnation, key: int):
+        self.replica = replica
+        self.inc = inc
+        self.key = key
+        self.call = call
+        self.t_start = t_start
+        self.status = 0
+        self.oom = False
+        self.recorded = False
+        self.finished = False
+
+    def record(self) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
         now = time.monotonic()
-        q = self.queue
-        return {
-            "version": __version__,
-            "uptime_s": round(now - self.started, 3),
-            "ready": ready,
-            "not_ready_because": why,
-            "accepting": self.accepting,
-            "config": {"source": self.loaded.source, "digest": self.loaded.digest,
-                       "generation": self.config_generation,
-                       "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.config_loaded_at))},
-            "worker": self.worker.status() | {"rss_bytes": self.worker_readings["rss_bytes"],
-                                              "gpu_memory_bytes": self.worker_readings["gpu_memory_bytes"]},
-            "queue": {
-                "depth": q.depth_by_name(),
-                "total": q.total,
-                "inflight": q.inflight(),
-                "concurrency": q.pools["default"].slots,
-                "pools": {n: {"concurrency": p.slots, "inflight": p.in_use, "waiting": p.waiting}
-                          for n, p in q.pools.items()},
-                "dispatching": q.open,
-            },
-            "breaker": {
-                "state": self.breaker.state.value,
-                "failure_rate": round(self.breaker.failure_rate, 4),
-                "slow_call_rate": round(self.breaker.slow_rate, 4),
-                "retry_after_s": round(self.breaker.retry_after(now), 3),
-            },
-            "gpu": self.gpu_status,
-        }
+        b = self.replica.breaker
+        if self.status == 500 and not self.oom:
+            b.record_server_error(now - self.t_start, now, self.t_start, self.call.client or self.call.peer,
+                                  self.replica.manager.probe_failures > 0)
+            return
+        b.record(self.status < 500 and not self.oom, now - self.t_start, now, self.t_start)
 
-    def _metrics_state(self) -> dict:
-        return {
-            "queue_depth": self.queue.depth_by_name(),
-            "inflight": self.queue.inflight(),
-            "worker_up": 1 if self.worker.state in SERVING_STATES else 0,
-            "worker_state": self.worker.state.value,
-            "worker_rss_bytes": self.worker_readings["rss_bytes"],
-            "worker_gpu_memory_bytes": self.worker_readings["gpu_memory_bytes"],
-            "breaker_state": self.breaker.state.value,
-            "gpus": self.gpu_status.get("devices", []),
-            "pressure_level": self.pressure_level,
-            "degraded": 1 if self.worker.degraded else 0,
-            "config_generation": self.config_generation,
-        }
+    def fail(self) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
+        now = time.monotonic()
+        self.replica.breaker.record(False, now - self.t_start, now, self.t_start)
+
+    def finish(self, ticket: Ticket) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.call.group.queue.release(ticket, time.monotonic() - self.t_start)
+        self.replica.manager.end_request(self.inc, self.key, self.oom)
 
 
-class _WorkerDied(Exception):
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-
-
-async def _await_quietly(t: asyncio.Task) -> None:
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await t
+async def _died(inc: Incarnation, exc: UpstreamError) -> bool:
+    """Did the worker die (retry elsewhere) or merely misbehave?"""
+    if exc.kind == "protocol":
+        return False
+    try:
+        async with asyncio.timeout(0.5):
+            await inc.exited.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def _is_oom(raw: list[tuple[bytes, bytes]]) -> bool:
@@ -760,4 +871,22 @@ def _is_oom(raw: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-__all__ = ["Supervisor", "Rejected", "ExitReason"]
+def _body_model(body: bytes) -> str | None:
+    """The JSON body's `model`, if it is a JSON object that names one. A body that is not JSON, or
+    names none, routes by path; a `model` that is not a string is the client's error."""
+    if not body or body.lstrip()[:1] != b"{":
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or "model" not in data or data["model"] is None:
+        return None
+    m = data["model"]
+    if not isinstance(m, str):
+        raise Rejected("bad_request", f"model: must be a string naming a served model, not {type(m).__name__}")
+    return m
+
+
+def _has_model_routes(s) -> bool:
+    return any(r.model is not None for r in s.routes)

@@ -14,6 +14,7 @@ class WorkerState(enum.Enum):
     STOPPING = "stopping"
     BACKOFF = "backoff"
     FAILED = "failed"
+    UNLOADED = "unloaded"  # on demand: not started yet, or stopped for idleness or eviction
 
 
 class ExitReason(enum.Enum):
@@ -26,21 +27,29 @@ class ExitReason(enum.Enum):
     RELOAD = "reload"
     START_FAILURE = "start_failure"
     SHUTDOWN = "shutdown"
+    IDLE = "idle"          # idle_unload_s passed with no request
+    EVICTED = "evicted"    # stopped to make room on its GPU for another worker
+    KILLED = "killed"      # a SIGKILL we did not send, with no sign of an OOM kill
+    RETIRED = "retired"    # removed from the fleet by a reload
 
 
 # Planned stops do not count towards crash-loop detection.
-PLANNED_EXITS = frozenset({ExitReason.RECYCLE, ExitReason.PRESSURE, ExitReason.RELOAD, ExitReason.SHUTDOWN})
+PLANNED_EXITS = frozenset({ExitReason.RECYCLE, ExitReason.PRESSURE, ExitReason.RELOAD, ExitReason.SHUTDOWN,
+                           ExitReason.IDLE, ExitReason.EVICTED, ExitReason.RETIRED})
+# Planned stops after which the replica stays down (until a request or a reload brings it back).
+UNLOAD_EXITS = frozenset({ExitReason.IDLE, ExitReason.EVICTED})
 
 W = WorkerState
 WORKER_MOVES: dict[WorkerState, frozenset[WorkerState]] = {
-    W.STOPPED: frozenset({W.STARTING}),
-    W.STARTING: frozenset({W.READY, W.STOPPING, W.BACKOFF, W.FAILED, W.STOPPED}),
+    W.STOPPED: frozenset({W.STARTING, W.UNLOADED}),
+    W.UNLOADED: frozenset({W.STARTING, W.STOPPED}),
+    W.STARTING: frozenset({W.READY, W.STOPPING, W.BACKOFF, W.FAILED, W.STOPPED, W.UNLOADED}),
     W.READY: frozenset({W.BUSY, W.DRAINING, W.STOPPING, W.BACKOFF, W.FAILED}),
     W.BUSY: frozenset({W.READY, W.DRAINING, W.STOPPING, W.BACKOFF, W.FAILED}),
     W.DRAINING: frozenset({W.STOPPING, W.BACKOFF, W.FAILED}),
-    W.STOPPING: frozenset({W.STARTING, W.BACKOFF, W.FAILED, W.STOPPED}),
-    W.BACKOFF: frozenset({W.STARTING, W.FAILED, W.STOPPED}),
-    W.FAILED: frozenset({W.STARTING, W.STOPPED}),
+    W.STOPPING: frozenset({W.STARTING, W.BACKOFF, W.FAILED, W.STOPPED, W.UNLOADED}),
+    W.BACKOFF: frozenset({W.STARTING, W.FAILED, W.STOPPED, W.UNLOADED}),
+    W.FAILED: frozenset({W.STARTING, W.STOPPED, W.UNLOADED}),
 }
 SERVING_STATES = frozenset({W.READY, W.BUSY})
 

@@ -2,18 +2,40 @@
 
 aiohttp's ClientSession costs too much per request for a sidecar (see DESIGN performance notes), so
 this module owns a small pool of asyncio protocol connections, writes the request head itself and
-hands the answer back as status, headers and a body reader with flow control.
+hands the answer back as status, headers and a body reader with flow control. A worker that answers
+malformed HTTP (bytes past its answer, an endless head, a status it may not send) gets an
+`UpstreamError("protocol", ...)` and a closed connection, never a desynchronised one; each such event is
+counted on the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from collections.abc import Callable
 
 import httptools
+import structlog
+
+log = structlog.get_logger("supervisor.upstream")
 
 HIGH_WATER = 1 << 20  # pause reading from the worker past this much unread body
 LOW_WATER = 1 << 18
+DEFAULT_MAX_HEAD_BYTES = 64 * 1024  # bytes of the worker's answer before the end of its headers
+DEFAULT_MAX_HEADERS = 100  # header lines in one answer
+# Every kind a pool counts in `protocol_errors` (fixed, so they can be metric label values).
+PROTOCOL_ERROR_KINDS = (
+    "extra_bytes",  # bytes past a complete answer, or on an idle kept-alive connection
+    "unsolicited",  # bytes on a connection before any request was written
+    "head_too_large",  # the answer's head ran past max_head_bytes
+    "too_many_headers",  # more than max_headers header lines
+    "bad_status",  # a status outside 100-599
+    "upgrade",  # 101 Switching Protocols, which the supervisor never asks for
+    "invalid_http",  # anything else the parser refused
+)
+
+_monotonic = time.monotonic
 
 
 class UpstreamError(Exception):
@@ -30,11 +52,28 @@ class UpstreamError(Exception):
         super().__init__(f"{kind}: {detail}")
 
 
+class _Violation(Exception):
+    """Raised inside a parser callback to stop parsing where the worker broke the protocol."""
+
+    def __init__(self, kind: str, detail: str):
+        self.kind = kind
+        self.detail = detail
+        super().__init__(detail)
+
+
 class UpstreamConnection(asyncio.Protocol):
+    """One kept-alive connection to the worker; one exchange at a time.
+
+    Progress, for hang detection: `outstanding` is True from `start()` until the answer is complete or
+    broken; `last_rx` is the monotonic time of the last byte received (set to the start time by `start()`),
+    `last_tx` that of the last request bytes written (`start()` or `write()`).
+    """
+
     __slots__ = (
         "pool", "transport", "parser", "status", "headers", "_hdr_future", "_body", "_body_size",
         "_body_waiter", "_complete", "_error", "_got_bytes", "_paused", "_write_paused",
         "_drain_waiter", "closed", "keep_alive", "_length_known", "_head_request", "used",
+        "last_rx", "last_tx", "outstanding", "_in_head", "_head_bytes", "_interim", "_max_head", "_max_headers",
     )
 
     def __init__(self, pool: UpstreamPool):
@@ -44,10 +83,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.used = 0
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._max_head = pool.max_head_bytes
+        self._max_headers = pool.max_headers
+        self.last_rx = self.last_tx = _monotonic()
+        self.outstanding = False
+        self.parser = httptools.HttpResponseParser(self)
+        self._complete = False
         self._reset()
 
     def _reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        # after a whole kept-alive answer llhttp stands at the start of the next message: keep the parser
+        if self.used and not (self._complete and self.keep_alive and self._error is None):
+            self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self._hdr_future: asyncio.Future[None] | None = None
@@ -61,31 +108,37 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self._length_known = False
         self._head_request = False
+        self._in_head = True
+        self._head_bytes = 0
+        self._interim = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._hdr_future is None:  # unsolicited bytes on an idle connection
-            self._fail(UpstreamError("protocol", "worker sent bytes with no request outstanding"))
+        self.last_rx = _monotonic()
+        if not self.outstanding:  # no request, or its answer is whole: these bytes belong to nothing
+            self._stray(data)
             return
         self._got_bytes = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError("protocol", "worker asked for a protocol upgrade", True))
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("protocol", f"worker answered invalid HTTP ({exc})", self._got_bytes))
+        if self._in_head:
+            n = self._head_bytes + len(data)
+            if n > self._max_head:
+                self._feed_past_head_limit(data)
+                return
+            self._head_bytes = n
+        self._feed(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool._forget(self)
-        if self._hdr_future is not None and not self._complete and self._error is None:
-            if self.status and not self._length_known and self._hdr_future.done():
+        if self.outstanding and self._error is None:
+            if self.status and not self._length_known:
                 self.on_message_complete()  # an answer delimited by the end of the connection
             else:
                 self._fail(UpstreamError("reset", "worker closed the connection", self._got_bytes))
+        self.outstanding = False
         w = self._drain_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -100,16 +153,32 @@ class UpstreamConnection(asyncio.Protocol):
             w.set_result(None)
 
     # -- httptools callbacks -------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._complete:
+            raise _Violation("extra_bytes", "worker sent bytes after its complete answer (a second answer?)")
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        h = self.headers
+        if len(h) >= self._max_headers:
+            raise _Violation("too_many_headers", f"worker's answer has over {self._max_headers} header lines")
+        h.append((name, value))
 
     def on_headers_complete(self) -> None:
         p = self.parser
-        self.status = p.get_status_code()
-        if 100 <= self.status < 200:  # interim answer (100 Continue): wait for the real one
-            self.headers = []
-            self.status = 0
+        status = p.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise _Violation("upgrade", "worker answered 101 Switching Protocols to a request that asked "
+                                            "for no upgrade")
+            if status < 100:
+                raise _Violation("bad_status", f"worker answered invalid status {status}")
+            self.headers = []  # an interim answer (100 Continue, 103 Early Hints): wait for the final one
+            self._interim = True
             return
+        if status > 599:
+            raise _Violation("bad_status", f"worker answered invalid status {status}")
+        self.status = status
+        self._in_head = False
         self.keep_alive = p.should_keep_alive()
         for name, value in self.headers:
             ln = name.lower()
@@ -122,7 +191,7 @@ class UpstreamConnection(asyncio.Protocol):
             # some servers send a body even to HEAD: never reuse the connection after one
             self.keep_alive = False
             self.on_message_complete()
-        elif self.status in (204, 304):
+        elif status in (204, 304):
             self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -136,19 +205,73 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:  # the end of a 1xx answer
+            self._interim = False
+            return
         if self._complete:
             return
         self._complete = True
+        self.outstanding = False
         f = self._hdr_future
         if f is not None and not f.done():
             f.set_result(None)
         self._wake()
+
+    # -- parsing and its failures ---------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            v = exc.__context__
+            if isinstance(v, _Violation):
+                self._violation(v.kind, v.detail)
+            else:
+                self._violation("invalid_http", f"worker answered invalid HTTP ({v or exc})")
+        except httptools.HttpParserUpgrade:
+            self._violation("upgrade", "worker switched protocols though no upgrade was asked for")
+        except httptools.HttpParserError as exc:
+            self._violation("invalid_http", f"worker answered invalid HTTP ({exc})")
+
+    def _feed_past_head_limit(self, data: bytes) -> None:
+        """The slow path: only the bytes up to the head limit may finish the head; then the rest."""
+        room = self._max_head - self._head_bytes
+        self._head_bytes = self._max_head
+        self._feed(data[:room])
+        if self.closed:
+            return
+        if self._in_head:
+            self._violation("head_too_large", f"worker's answer head ran over {self._max_head} bytes "
+                                              "without ending")
+            return
+        self._feed(data[room:])
+
+    def _stray(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self._complete and self._head_request:
+            self._close()  # the body some servers send to HEAD: not reused anyway
+            return
+        kind = "unsolicited" if self._hdr_future is None else "extra_bytes"
+        self._violation(kind, f"worker sent {len(data)} bytes with no request outstanding")
+
+    def _violation(self, kind: str, detail: str) -> None:
+        self.pool._protocol_error(kind, detail)
+        if self._complete:  # the answer was whole before the worker misbehaved: it stands
+            self._close()
+        else:
+            self._fail(UpstreamError("protocol", detail, self._got_bytes))
 
     # -- helpers -------------------------------------------------------------------------------
     def _wake(self) -> None:
         w = self._body_waiter
         if w is not None and not w.done():
             w.set_result(None)
+
+    def _close(self) -> None:
+        self.closed = True
+        self.outstanding = False
+        if self.transport is not None:
+            self.transport.close()
 
     def _fail(self, err: UpstreamError) -> None:
         if self._error is None:
@@ -157,9 +280,7 @@ class UpstreamConnection(asyncio.Protocol):
         if f is not None and not f.done():
             f.set_exception(err)
         self._wake()
-        if self.transport is not None:
-            self.transport.close()
-        self.closed = True
+        self._close()
 
     async def drain(self) -> None:
         if self._write_paused and not self.closed:
@@ -176,6 +297,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_request = head_request
         self.used += 1
         self._hdr_future = asyncio.get_running_loop().create_future()
+        self.outstanding = True
+        self.last_rx = self.last_tx = _monotonic()
         assert self.transport is not None
         if body:
             self.transport.write(head + body)
@@ -185,11 +308,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
+            self.last_tx = _monotonic()
             self.transport.write(data)
 
     @property
     def complete(self) -> bool:
         return self._complete
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while unread body past HIGH_WATER holds the worker back (the client reads slowly)."""
+        return self._paused
 
     def take_buffered(self) -> bytes:
         data = b"".join(self._body)
@@ -221,16 +350,32 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        self.outstanding = False
         if self.transport is not None:
             self.transport.abort()
 
 
 class UpstreamPool:
-    """Kept-alive connections to one worker incarnation's socket."""
+    """Kept-alive connections to one worker incarnation's socket, and the count of its protocol errors.
 
-    def __init__(self, path: str, max_idle: int = 64):
+    `protocol_errors` maps a kind of `PROTOCOL_ERROR_KINDS` to how often it happened on this pool;
+    `on_protocol_error(kind)`, when given, is called on each (e.g. to increment a metric that outlives
+    the incarnation).
+    """
+
+    def __init__(self, path: str, max_idle: int = 64, *, max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
+                 max_headers: int = DEFAULT_MAX_HEADERS,
+                 on_protocol_error: Callable[[str], None] | None = None):
+        if max_head_bytes < 64:
+            raise ValueError(f"max_head_bytes must be at least 64, got {max_head_bytes}")
+        if max_headers < 1:
+            raise ValueError(f"max_headers must be at least 1, got {max_headers}")
         self.path = path
         self.max_idle = max_idle
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.on_protocol_error = on_protocol_error
+        self.protocol_errors: dict[str, int] = {}
         self._idle: list[UpstreamConnection] = []
         self._all: set[UpstreamConnection] = set()
         self.closed = False
@@ -262,6 +407,29 @@ class UpstreamPool:
     def _forget(self, c: UpstreamConnection) -> None:
         self._all.discard(c)
 
+    def _protocol_error(self, kind: str, detail: str) -> None:
+        self.protocol_errors[kind] = self.protocol_errors.get(kind, 0) + 1
+        log.warning("upstream_protocol_error", kind=kind, detail=detail, socket=self.path)
+        if self.on_protocol_error is not None:
+            self.on_protocol_error(kind)
+
+    def silent_for(self, now: float) -> float | None:
+        """Seconds since the worker last made progress on any exchange in flight; None with none in flight.
+
+        Progress is a byte received or request bytes written (a slow upload is not a hung worker); an
+        exchange whose reading we paused because the client reads slowly counts as progressing now.
+        """
+        latest = None
+        for c in self._all:
+            if not c.outstanding:
+                continue
+            if c._paused:
+                return 0.0
+            t = c.last_rx if c.last_rx > c.last_tx else c.last_tx
+            if latest is None or t > latest:
+                latest = t
+        return None if latest is None else max(0.0, now - latest)
+
     def close(self) -> None:
         self.closed = True
         for c in list(self._all):
@@ -272,3 +440,8 @@ class UpstreamPool:
     @property
     def open_connections(self) -> int:
         return len(self._all)
+
+    @property
+    def in_flight(self) -> int:
+        """Exchanges whose answer is still outstanding."""
+        return sum(1 for c in self._all if c.outstanding)

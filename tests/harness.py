@@ -74,7 +74,8 @@ class SupervisorProcess:
         self.config = config
         self.config_path = tmp / "policy.yaml"
         self.write_config(config)
-        self.env = {**os.environ, **(env or {})}
+        # each daemon its own state directory (the job store), unless a test shares one on purpose
+        self.env = {**os.environ, "STATE_DIRECTORY": str(tmp), **(env or {})}
         self.proc: asyncio.subprocess.Process | None = None
         self.logs: list[dict] = []
         self.raw_lines: list[str] = []
@@ -85,7 +86,7 @@ class SupervisorProcess:
         self._log_event = asyncio.Event()
 
     def write_config(self, config: dict | str) -> None:
-        text = config if isinstance(config, str) else yaml.safe_dump(config)
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(self.config_path)

@@ -133,8 +133,8 @@ async def test_full_queue_is_429_with_retry_after_and_counted(supervisor_factory
     assert st["inflight"] == 1 and st["concurrency"] == 1 and st["total"] == 3
     m = await sp.metrics()
     assert metric(m, "gpu_supervisor_rejected_total", reason="queue_full") == 2
-    assert metric(m, "gpu_supervisor_queue_depth", priority="low") == 2
-    assert metric(m, "gpu_supervisor_inflight") == 1
+    assert metric(m, "gpu_supervisor_queue_depth", priority="low", worker="default") == 2
+    assert metric(m, "gpu_supervisor_inflight", replica="0", worker="default") == 1
     await let_go(blocker)
     assert [r[0] for r in await asyncio.gather(*queued)] == [200, 200, 200]
     assert (await seen(sp))["paths"]["/echo"] == 3  # the refused ones never reached the worker
@@ -247,7 +247,7 @@ async def test_breaker_opens_on_500s_fails_fast_then_half_opens_and_closes(super
     for state in ("open", "half_open", "closed"):
         assert metric(m, "gpu_supervisor_breaker_transitions_total", state=state) == 1
     assert metric(m, "gpu_supervisor_rejected_total", reason="circuit_open") == 3
-    assert 'gpu_supervisor_breaker_state{gpu_supervisor_breaker_state="closed"} 1.0' in m
+    assert 'gpu_supervisor_breaker_state{gpu_supervisor_breaker_state="closed",replica="0",worker="default"} 1.0' in m
     c = await seen(sp)
     assert c["paths"]["/echo"] == 1 and c["paths"]["/status/500"] == 4
 

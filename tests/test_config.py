@@ -144,3 +144,65 @@ def test_shipped_configs_are_valid():
     assert files, "configs/ should ship example policies"
     for f in files:
         cfg.load(f)
+
+
+# -- the fleet: several named workers ----------------------------------------------------------
+
+def test_single_worker_form_is_a_fleet_of_one_named_default():
+    s = cfg.parse("worker: {command: [x, '{socket}'], stop_grace_s: 3}")
+    assert list(s.fleet) == ["default"] and s.fleet["default"].stop_grace_s == 3
+    assert s.fleet["default"].placements() == (None,)
+
+
+def test_workers_inherit_worker_defaults_and_keep_their_own_keys():
+    s = cfg.parse("""
+        worker_defaults: {stop_grace_s: 2, health: {interval_s: 0.5}}
+        workers:
+          chat: {command: [a], gpus: [0, 2], health: {timeout_s: 1}}
+          embed: {command: [b], replicas: 3, stop_grace_s: 7, start: on_demand}
+    """.replace("\n        ", "\n"))
+    chat, embed = s.fleet["chat"], s.fleet["embed"]
+    assert chat.stop_grace_s == 2 and chat.health.interval_s == 0.5 and chat.health.timeout_s == 1
+    assert chat.placements() == (0, 2)
+    assert embed.stop_grace_s == 7 and embed.placements() == (None, None, None) and embed.start == "on_demand"
+    assert s.first_worker is chat
+
+
+def test_fleet_problems_are_named_by_key_path():
+    assert problems("""
+        workers:
+          chat: {command: [a], gpus: [0], replicas: 2}
+    """) == ["workers.chat.replicas (line 3): cannot be set together with gpus (gpus gives one replica per GPU)"]
+    assert problems("""
+        workers:
+          a: {command: [a], models: [m1, shared]}
+          b: {command: [b], models: [shared]}
+    """)[0].startswith("workers.b.models (line 4): model 'shared' is already served by worker 'a'")
+    probs = problems("""
+        workers:
+          a: {command: [a]}
+        routes:
+          - {path: /v1/, worker: nope}
+    """)
+    assert probs[0].startswith("routes.0.worker (line 5): 'nope' is not one of the workers ['a']")
+    assert problems("""
+        worker: {command: [a]}
+        workers: {b: {command: [b]}}
+    """)[0].startswith("worker (line 2): use either")
+    assert "workers.chat.gpus" in problems("workers: {chat: {command: [a], gpus: [1, 1]}}")[0]
+    assert "workers.bad name" in problems("workers: {'bad name': {command: [a]}}")[0]
+
+
+def test_a_need_larger_than_the_gpu_budget_is_refused_by_check_config():
+    probs = problems("""
+        workers:
+          chat: {command: [a], gpus: [0], gpu_memory_mb: 20000}
+        gpu: {budget_mb: {0: 16000}, reserve_mb: 1000}
+    """)
+    assert probs[0].startswith("workers.chat.gpu_memory_mb")
+    assert "15000 MiB" in probs[0]
+    cfg.parse("""
+workers:
+  chat: {command: [a], gpus: [0], gpu_memory_mb: 14000}
+gpu: {budget_mb: {0: 16000}, reserve_mb: 1000}
+""")

@@ -24,14 +24,28 @@ async def test_kill9_while_idle_respawns(supervisor_factory):
     os.kill(old, signal.SIGKILL)
     w = await sp.wait_worker(lambda w: w["restarts"] == 1 and w["state"] == "ready", what="respawned worker")
     assert w["pid"] != old and not pid_alive(old)
-    assert w["last_exit"]["reason"] == "oom"  # a SIGKILL we did not send: perhaps the OOM killer
+    # a SIGKILL we did not send, with no sign of OOM (no OOM text or answer, the kernel's oom_kill
+    # counter unmoved): `killed`, not a guess at `oom`
+    assert w["last_exit"]["reason"] == "killed"
     assert w["last_exit"]["signal"] == "SIGKILL" and w["last_exit"]["pid"] == old
     status, body = await _get_json(sp, "/pid")
     assert status == 200 and body["pid"] == w["pid"]
     assert sp.proc.returncode is None
-    ev = await sp.wait_log("worker_exited", reason="oom")
-    assert ev["perhaps"] == "out of memory"
-    assert 'gpu_supervisor_worker_restarts_total{reason="oom"} 1.0' in await sp.metrics()
+    ev = await sp.wait_log("worker_exited", reason="killed")
+    assert ev["perhaps"] is None
+    series = 'gpu_supervisor_worker_restarts_total{reason="killed",replica="0",worker="default"} 1.0'
+    assert series in await sp.metrics()
+
+
+async def test_sigkill_after_an_oom_answer_is_oom(supervisor_factory):
+    """The evidence that makes a SIGKILL `oom`: an OOM answer just before it."""
+    sp = await supervisor_factory(fast_config())
+    old = await sp.worker_pid()
+    async with sp.session.get("/oom") as r:
+        assert r.status == 503 and r.headers.get("X-Worker-Error") == "oom"
+    os.kill(old, signal.SIGKILL)
+    w = await sp.wait_worker(lambda w: w["restarts"] == 1 and w["state"] == "ready", what="respawned worker")
+    assert w["last_exit"]["reason"] == "oom"
 
 
 async def test_kill9_mid_request_retries_safe_and_fails_unsafe(supervisor_factory):

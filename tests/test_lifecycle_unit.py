@@ -7,7 +7,13 @@ import signal
 import pytest
 
 from supervisor.states import WORKER_MOVES, ExitReason, IllegalTransition, WorkerState, check_move
-from supervisor.worker_process import backoff_delay, classify_exit, crash_loop_clears_at, in_crash_loop
+from supervisor.worker_process import (
+    backoff_delay,
+    classify_exit,
+    counter_value,
+    crash_loop_clears_at,
+    in_crash_loop,
+)
 
 W = WorkerState
 
@@ -56,8 +62,21 @@ def test_classify_oom_from_tail():
     assert classify_exit(1, None, False, False, tail, False) is ExitReason.OOM  # even before ready
 
 
-def test_classify_sigkill_we_did_not_send_is_oom():
-    assert classify_exit(-signal.SIGKILL, None, False, True, [], False) is ExitReason.OOM
+def test_classify_sigkill_we_did_not_send_needs_a_sign_to_be_oom():
+    # no sign of OOM: somebody killed it
+    assert classify_exit(-signal.SIGKILL, None, False, True, [], False) is ExitReason.KILLED
+    # the kernel's oom_kill counter moved while it ran, or it answered OOM just before
+    assert classify_exit(-signal.SIGKILL, None, False, True, [], False, kernel_oom_kill=True) is ExitReason.OOM
+    assert classify_exit(-signal.SIGKILL, None, False, True, [], True) is ExitReason.OOM
+    assert classify_exit(-signal.SIGKILL, None, False, True, ["CUDA out of memory"], False) is ExitReason.OOM
+
+
+def test_counter_value_reads_prometheus_text():
+    text = (b"# HELP tokens_total generated\n# TYPE tokens_total counter\n"
+            b'tokens_total{model="a"} 3\ntokens_total{model="b"} 4.5\nother 9\n')
+    assert counter_value(text, "tokens") == 7.5
+    assert counter_value(text, "tokens_total") == 7.5
+    assert counter_value(text, "missing") is None
 
 
 def test_classify_crash_and_start_failure():

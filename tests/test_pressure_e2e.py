@@ -164,7 +164,8 @@ async def test_critical_pressure_held_restarts_worker(inproc):
     await wait_until(lambda: _serving(ip), 20, "new worker ready")
     async with ip.session.get("/pid") as r:
         assert r.status == 200 and (await r.json())["pid"] != old
-    assert 'gpu_supervisor_worker_restarts_total{reason="pressure"} 1.0' in await ip.metrics()
+    series = 'gpu_supervisor_worker_restarts_total{reason="pressure",replica="0",worker="default"} 1.0'
+    assert series in await ip.metrics()
 
 
 async def _serving(ip):
@@ -293,7 +294,7 @@ async def test_pressure_restarts_that_do_not_help_are_spaced_out(inproc):
         await watcher.wait_reading(watcher.reading)
     assert (await ip.status())["worker"]["restarts"] == 1
     await wait_until(lambda: _restarts(ip, 2), 20, "second pressure restart, later")
-    assert ip.daemon.sup._pressure_streak == 2
+    assert ip.daemon.sup.pressure._streak == 2
 
 
 async def _restarts(ip, n):

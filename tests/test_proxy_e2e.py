@@ -180,7 +180,7 @@ async def test_client_disconnect_mid_request_releases_everything(sup):
     after = await _open_fds(sup)
     assert after <= before + 3, (before, after, counter)
     # the clients that left are counted, as nginx does, with code 499
-    assert 'gpu_supervisor_requests_total{code="499",priority="normal"} 5.0' in await sup.metrics()
+    assert 'gpu_supervisor_requests_total{code="499",priority="normal",worker="default"} 5.0' in await sup.metrics()
 
 
 async def _counter(sup):
@@ -234,9 +234,9 @@ async def test_metrics_pass_promtool(sup):
     async with sup.session.get("/status/503"):
         pass
     text = await sup.metrics()
-    assert 'gpu_supervisor_requests_total{code="200",priority="normal"}' in text
-    assert 'gpu_supervisor_requests_total{code="503",priority="normal"}' in text
-    assert 'gpu_supervisor_worker_state{gpu_supervisor_worker_state="ready"} 1.0' in text
+    assert 'gpu_supervisor_requests_total{code="200",priority="normal",worker="default"}' in text
+    assert 'gpu_supervisor_requests_total{code="503",priority="normal",worker="default"}' in text
+    assert 'gpu_supervisor_worker_state{gpu_supervisor_worker_state="ready",replica="0",worker="default"} 1.0' in text
     promtool = shutil.which("promtool")
     assert promtool, "promtool is installed by the test setup (Debian package prometheus)"
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)

@@ -257,6 +257,86 @@ def test_reconfigure_keeps_waiters_by_level_name_and_folds_removed_pools(loop):
     assert q.ahead_of(2, "default") == 3
 
 
+def _fair(**kw) -> dict:
+    return {"key": "header:X-Client-ID"} | kw
+
+
+def _order(q: RequestQueue, holder: Ticket, waiting: list[Ticket]) -> list[Ticket]:
+    out = []
+    while waiting:
+        holder = release_next(q, holder, waiting)
+        out.append(holder)
+    return out
+
+
+def test_a_key_changes_nothing_with_fairness_off_but_stays_on_the_ticket(loop):
+    q = make(loop)
+    holder = q.acquire(NORMAL, "default", 0.0, key="k1")
+    ts = [q.acquire(NORMAL, "default", float(i), key=key) for i, key in enumerate(["k1", "k1", "k2", None, "k2"])]
+    assert [t.key for t in ts] == ["k1", "k1", "k2", None, "k2"]  # a job is submitted with its ticket's key
+    q.check_room(NORMAL, "k1")  # no per-key bound when fairness is off
+    assert _order(q, holder, list(ts)) == ts  # FIFO, keys or not
+    assert q.fairness_status() == {} and q.key_depth == {}
+
+
+def test_reconfigure_turns_fairness_on_and_off_keeping_every_waiter(loop):
+    q = make(loop, max_size=50)
+    holder = q.acquire(NORMAL, "default", 0.0)
+    a = [q.acquire(NORMAL, "default", float(i), key="a") for i in range(4)]
+    b = [q.acquire(NORMAL, "default", 10.0 + i, key="b") for i in range(2)]
+    low = q.acquire(LOW, "default", 20.0)  # no key: the anonymous client once fairness is on
+    q.configure(QueueSettings(concurrency=1, max_size=50, fairness=_fair(max_queued_per_key=4)))
+    assert q.total == 7 and q.depth_by_name()["normal"] == 6 and low.key == "anonymous"
+    assert q.key_depth == {"a": 4, "b": 2, "anonymous": 1}
+    with pytest.raises(QueueFull) as e:
+        q.acquire(NORMAL, "default", 30.0, key="a")
+    assert e.value.scope == "key"
+    waiting = a + b + [low]
+    assert _order(q, holder, waiting[:])[:4] == [a[0], b[0], a[1], b[1]]  # round robin from now on
+    # and back to one FIFO: the rest keep their order
+    q2 = make(loop, max_size=50)
+    holder = q2.acquire(NORMAL, "default", 0.0)
+    a = [q2.acquire(NORMAL, "default", float(i), key="a") for i in range(3)]
+    q2.configure(QueueSettings(concurrency=1, max_size=50, fairness=_fair()))
+    b = [q2.acquire(NORMAL, "default", 10.0 + i, key="b") for i in range(3)]
+    retried = q2.acquire(NORMAL, "default", 0.5, key="b", front=True)
+    holder = release_next(q2, holder, [retried])
+    holder = release_next(q2, holder, [a[0], b[0]])
+    assert holder is a[0]
+    q2.configure(QueueSettings(concurrency=1, max_size=50))
+    assert q2.total == 5 and q2.fairness_status() == {}
+    assert _order(q2, holder, a[1:] + b) == a[1:] + b  # arrival order across the keys
+
+
+def test_reconfigure_with_fairness_keeps_retried_first_and_moves_keys_with_their_pool(loop):
+    q = make(loop, pools={"cpu": {"concurrency": 1}}, fairness=_fair(weights={"x": 2}))
+    holder = q.acquire(NORMAL, "default", 0.0)
+    q.acquire(NORMAL, "cpu", 0.0)
+    x = [q.acquire(NORMAL, "cpu", float(i), key="x") for i in range(2)]
+    y = [q.acquire(NORMAL, "default", float(i), key="y") for i in range(2)]
+    r = q.acquire(NORMAL, "default", 5.0, key="y", front=True)
+    # the cpu pool is gone: its waiters join default; weights change
+    q.configure(QueueSettings(concurrency=1, fairness=_fair(weights={"y": 3})))
+    assert set(q.pools) == {"default"} and q.total == 5
+    assert q.fairness_status()["normal"] == {"keys": 2, "largest_backlog": 3}
+    order = _order(q, holder, [r] + x + y)
+    assert order[0] is r  # the retried ticket is still first
+    assert [t for t in order if t.key == "x"] == x and [t for t in order if t.key == "y"] == [r] + y
+
+
+def test_fail_waiting_wakes_fair_tickets_too(loop):
+    q = make(loop, fairness=_fair())
+    q.acquire(NORMAL, "default", 0.0)
+    ts = [q.acquire(lvl, "default", 0.0, key=key) for lvl, key in [(NORMAL, "a"), (LOW, "b"), (NORMAL, "b")]]
+    ts.append(q.acquire(NORMAL, "default", 0.0, key="c", front=True))
+    q.cancel(ts[1])
+    q.fail_waiting(lambda: RuntimeError("gave up"))
+    assert [t.future.done() for t in ts] == [True, False, True, True]
+    for t in ts:
+        q.cancel(t)
+    assert q.total == 0 and q.fairness_status()["normal"] == {"keys": 0, "largest_backlog": 0}
+
+
 # ---- estimates --------------------------------------------------------------------------------
 
 def test_estimate_without_history_assumes_a_second_per_request(loop):
@@ -337,12 +417,14 @@ def test_ten_thousand_cancelled_while_the_slot_is_held_leave_no_pile(loop):
 class QueueMachine(RuleBasedStateMachine):
     """A model queue beside the real one: after every step, exactly the predicted tickets are granted."""
 
+    fairness: dict = {}  # queue.fairness; a subclass runs the same model with fairness on
+
     def __init__(self):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.q = RequestQueue(QueueSettings(concurrency=2, max_size=12, priorities=("a", "b", "c"),
                                             default_priority="b", levels={"c": {"max_size": 5}},
-                                            pools={"cpu": {"concurrency": 1}}), self.loop)
+                                            pools={"cpu": {"concurrency": 1}}, fairness=self.fairness), self.loop)
         self.q.open = True
         self.slots = {"default": 2, "cpu": 1}
         self.model: dict[str, list[deque[Ticket]]] = {p: [deque(), deque(), deque()] for p in self.slots}
@@ -468,3 +550,14 @@ class QueueMachine(RuleBasedStateMachine):
 QueueMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 test_queue_machine = QueueMachine.TestCase
+
+
+class OneClientFairMachine(QueueMachine):
+    """Fairness on, every request from one client (no key: the anonymous one): exactly today's order."""
+
+    fairness = {"key": "header:X-Client-ID", "max_queued_per_key": 100}
+
+
+OneClientFairMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=30, deadline=None,
+                                                  suppress_health_check=[HealthCheck.too_slow])
+test_one_client_fair_machine = OneClientFairMachine.TestCase

@@ -28,7 +28,7 @@ PID = os.getpid()
 MIB = 1 << 20
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # Paths that are bookkeeping, not work: they do not count toward in_flight / max_in_flight.
-META_PATHS = frozenset({"/counter", "/counter/reset", "/memory", "/pid", "/set-health"})
+META_PATHS = frozenset({"/counter", "/counter/reset", "/memory", "/pid", "/set-health", "/metrics"})
 HEALTH_MODES = ("ok", "fail", "hang", "unready")
 
 OOM_TRACEBACK = """\
@@ -74,6 +74,9 @@ class Options:
     health_path: str
     ignore_sigterm: bool
     shutdown_timeout: float
+    name: str = ""
+    models: str = ""
+    fail_on_gpu: str | None = None
 
 
 @dataclasses.dataclass
@@ -89,6 +92,7 @@ class WorkerState:
     max_in_flight: int = 0
     cleanup_calls: int = 0
     disconnects: int = 0
+    chunks: int = 0  # stream chunks written: the progress counter /metrics exposes
     leaked: list[mmap.mmap] = dataclasses.field(default_factory=list)
     gpu_blocks: list[object] = dataclasses.field(default_factory=list)  # torch tensors (GPU tests only)
     never: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # never set: /hang
@@ -161,6 +165,22 @@ async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def add_pid_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["X-Worker-Pid"] = str(PID)
+    name = request.app[STATE].opts.name
+    if name:
+        response.headers["X-Worker-Name"] = name
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text with one progress counter (stream chunks written), as vLLM exposes generated tokens."""
+    n = request.app[STATE].chunks
+    text = f"# HELP ctl_chunks_total Stream chunks written.\n# TYPE ctl_chunks_total counter\nctl_chunks_total {n}\n"
+    return web.Response(text=text, content_type="text/plain")
+
+
+async def models(request: web.Request) -> web.Response:
+    """OpenAI's model list, from --models (CTL_MODELS): what a fleet discovers once the worker is ready."""
+    names = [m for m in request.app[STATE].opts.models.split(",") if m]
+    return _json({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "ctl"} for m in names]})
 
 
 # --- handlers ----------------------------------------------------------------------------------
@@ -247,6 +267,7 @@ async def _stream(request: web.Request, content_type: str, line: Callable[[int],
             if k:
                 await asyncio.sleep(interval)
             await resp.write(line(k))
+            request.app[STATE].chunks += 1
         await resp.write(done)
         await resp.write_eof()
     except ConnectionError:
@@ -471,6 +492,9 @@ def make_app(opts: Options) -> web.Application:
     r.add_get("/env", env)
     r.add_get("/gpu-alloc", gpu_alloc)
     r.add_get("/log", log_line)
+    r.add_get("/v1/models", models)
+    r.add_get("/metrics", metrics)
+    r.add_post("/v1/{tail:.*}", echo)
     return app
 
 
@@ -506,6 +530,9 @@ async def serve(opts: Options) -> int:
             return 0
     if opts.oom_at_start:
         print_oom_traceback()
+        return 1
+    if opts.fail_on_gpu is not None and os.environ.get("CUDA_VISIBLE_DEVICES") == opts.fail_on_gpu:
+        log("fail_on_gpu", gpu=opts.fail_on_gpu)
         return 1
     if opts.exit_before_ready is not None:
         log("exit_before_ready", code=opts.exit_before_ready)
@@ -590,6 +617,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--shutdown-timeout", type=float,
                    default=_env_num("SHUTDOWN_TIMEOUT", float, 5.0),
                    help="on SIGTERM, seconds in-flight requests get to finish before being cancelled")
+    p.add_argument("--fail-on-gpu", default=_env("FAIL_ON_GPU"),
+                   help="exit 1 before ready when CUDA_VISIBLE_DEVICES equals this (one replica of a fleet)")
+    p.add_argument("--name", default=_env("NAME") or "", help="sent back as X-Worker-Name on every answer")
+    p.add_argument("--models", default=_env("MODELS") or "", help="comma-separated names for GET /v1/models")
     ns = p.parse_args(argv)
     if not ns.socket:
         p.error("--socket is required (or env CTL_SOCKET / GPU_SUPERVISOR_SOCKET)")

@@ -1,0 +1,402 @@
+"""The fleet: every named worker, its replicas, their wait lines and breakers, and which replica serves next.
+
+One `Replica` record per replica (its lifecycle manager, breaker, memory readings); one `WorkerGroup`
+per named worker (its spec, replicas, wait line, models). `Fleet` alone creates, starts, reconfigures
+and retires replicas; the request path asks it for a group and a replica, nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from .aio import wait_quietly
+from .circuit_breaker import CircuitBreaker
+from .config import Settings, WorkerSpec
+from .errors import Rejected
+from .request_queue import RequestQueue
+from .states import BreakerState, WorkerState
+from .upstream import UpstreamError
+from .worker_process import ExitInfo, WorkerManager
+
+log = structlog.get_logger("supervisor.fleet")
+
+RECENT_EXITS = 50  # exits kept for /status and /ui
+DISCOVERY_TIMEOUT_S = 5.0
+
+
+def pick_replica(candidates: list[Replica], rr: int) -> Replica | None:
+    """The replica with the fewest requests in flight; ties go round robin from `rr`."""
+    if not candidates:
+        return None
+    least = min(r.manager.inflight for r in candidates)
+    tied = [r for r in candidates if r.manager.inflight == least]
+    return tied[rr % len(tied)]
+
+
+class Replica:
+    """One replica of one worker: its lifecycle, breaker and readings, and the task that runs it."""
+
+    __slots__ = ("worker", "index", "gpu", "manager", "breaker", "rss_bytes", "gpu_memory_bytes",
+                 "gpu_peak_bytes", "task", "draining_for_room", "evict_mark")
+
+    def __init__(self, worker: str, index: int, gpu: int | None, manager: WorkerManager, breaker: CircuitBreaker):
+        self.worker = worker
+        self.index = index
+        self.gpu = gpu
+        self.manager = manager
+        self.breaker = breaker
+        self.rss_bytes = 0
+        self.gpu_memory_bytes = 0
+        self.gpu_peak_bytes = 0  # the most NVML has seen its process tree hold (the learned need)
+        self.task: asyncio.Task | None = None
+        self.draining_for_room = False  # the ledger asked: send it nothing new so it can be evicted
+        self.evict_mark = False  # chosen for eviction: new requests wait instead of restarting it
+
+    @property
+    def label(self) -> str:
+        return str(self.index)
+
+    def can_take(self, now: float) -> bool:
+        return self.manager.serving and not self.draining_for_room and not self.evict_mark \
+            and self.breaker.would_allow(now)
+
+
+class WorkerGroup:
+    """One named worker: its spec, replicas, wait line and the models it serves."""
+
+    def __init__(self, name: str, spec: WorkerSpec, settings: Settings):
+        self.name = name
+        self.spec = spec
+        self.replicas: list[Replica] = []
+        self.queue = RequestQueue(settings.queue)
+        self.discovered: tuple[str, ...] = ()
+        self.concurrency = spec.concurrency or settings.queue.concurrency
+        self._rr = 0
+        self.paused = False
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.spec.models or self.discovered
+
+    def serving(self) -> list[Replica]:
+        return [r for r in self.replicas if r.manager.serving]
+
+    def pick(self, now: float) -> Replica | None:
+        cands = [r for r in self.replicas if r.can_take(now)]
+        r = pick_replica(cands, self._rr)
+        self._rr += 1
+        return r
+
+    def refresh(self) -> None:
+        """Slots follow the replicas that serve; the wait line opens when one does."""
+        n = sum(1 for r in self.replicas if r.manager.serving and not r.draining_for_room and not r.evict_mark)
+        self.queue.pools["default"].size = self.concurrency * max(1, n)
+        self.queue.open = n > 0 and not self.paused
+        if self.queue.open:
+            self.queue.pump()
+
+    def any_breaker_allows(self, now: float) -> bool:
+        return any(r.breaker.would_allow(now) for r in self.replicas if r.manager.state is not WorkerState.UNLOADED) \
+            or all(r.manager.state is WorkerState.UNLOADED for r in self.replicas)
+
+    def breaker_retry_after(self, now: float) -> float:
+        waits = [r.breaker.retry_after(now) for r in self.replicas]
+        return min(waits) if waits else 1.0
+
+    def expected_ready_in(self) -> float:
+        waits = [r.manager.expected_ready_in() for r in self.replicas]
+        return min(waits) if waits else 1.0
+
+    def state_summary(self) -> str:
+        states = [r.manager.state.value for r in self.replicas]
+        return ", ".join(sorted(set(states))) if states else "no replicas"
+
+
+class Fleet:
+    """Creates, starts, reconfigures and retires the replicas of every worker."""
+
+    def __init__(self, settings: Settings, runtime_dir: Path, base_env: dict[str, str], *,
+                 on_state: Callable[[Replica, WorkerState, WorkerState, str], None],
+                 on_exit: Callable[[Replica, ExitInfo], None],
+                 on_breaker: Callable[[Replica, BreakerState, BreakerState, str], None],
+                 gate_factory: Callable[[Replica], Callable] | None = None,
+                 on_protocol_error: Callable[[str], None] | None = None,
+                 on_spawn: Callable[[], None] | None = None,
+                 gpus_seen: Callable[[], int | None] = lambda: None):
+        self.settings = settings
+        self.runtime_dir = runtime_dir
+        self.base_env = base_env
+        self._on_state = on_state
+        self._on_exit = on_exit
+        self._on_breaker = on_breaker
+        self._gate_factory = gate_factory
+        self._gpus_seen = gpus_seen
+        self._on_protocol_error = on_protocol_error
+        self._on_spawn = on_spawn
+        self.groups: dict[str, WorkerGroup] = {}
+        self.exits: deque[dict] = deque(maxlen=RECENT_EXITS)
+        self._tasks: set[asyncio.Task] = set()
+        self._started = False
+        self.retiring: list[Replica] = []
+        self._queue_gate: Callable[[int], bool] | None = None  # a route's gpu_memory_mb: may it start now?
+        for name, spec in settings.fleet.items():
+            g = self.groups[name] = WorkerGroup(name, spec, settings)
+            for i, gpu in enumerate(spec.placements(gpus_seen())):
+                g.replicas.append(self._new_replica(g, i, gpu, spec))
+            g.refresh()
+
+    @property
+    def queue_gate(self) -> Callable[[int], bool] | None:
+        return self._queue_gate
+
+    @queue_gate.setter
+    def queue_gate(self, fits: Callable[[int], bool] | None) -> None:
+        self._queue_gate = fits
+        for g in self.groups.values():
+            g.queue.fits = fits
+
+    # -- records -------------------------------------------------------------------------------
+    def _new_replica(self, g: WorkerGroup, index: int, gpu: int | None, spec: WorkerSpec) -> Replica:
+        holder: list[Replica] = []
+
+        def changed(old: WorkerState, new: WorkerState, reason: str) -> None:
+            self._state_changed(holder[0], old, new, reason)
+
+        def exited(info: ExitInfo) -> None:
+            r = holder[0]
+            self.exits.append({"worker": r.worker, "replica": r.index, **info.as_dict()})
+            self._on_exit(r, info)
+
+        def breaker_changed(old: BreakerState, new: BreakerState, reason: str) -> None:
+            self._on_breaker(holder[0], old, new, reason)
+
+        mgr = WorkerManager(spec, self.runtime_dir, self.base_env, on_change=changed, on_exit=exited,
+                            on_down=lambda: self._down(g), name=g.name, index=index, gpu=gpu,
+                            drain_timeout_s=self.settings.drain.timeout_s,
+                            work_waiting=lambda: g.queue.total > 0,
+                            pool_kw={"max_head_bytes": self.settings.limits.worker_head_bytes,
+                                     "on_protocol_error": self._on_protocol_error},
+                            on_spawn=self._on_spawn)
+        r = Replica(g.name, index, gpu, mgr, CircuitBreaker(self.settings.breaker, on_change=breaker_changed))
+        holder.append(r)
+        if self._gate_factory is not None:
+            mgr.gate = self._gate_factory(r)
+        return r
+
+    def replicas(self):
+        for g in self.groups.values():
+            yield from g.replicas
+
+    def first(self) -> Replica:
+        return next(iter(self.groups.values())).replicas[0]
+
+    def group_for_model(self, model: str) -> WorkerGroup | None:
+        for g in self.groups.values():
+            if model in g.models:
+                return g
+        return None
+
+    def served_models(self) -> list[str]:
+        return [m for g in self.groups.values() for m in g.models]
+
+    # -- life ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._started = True
+        for r in self.replicas():
+            self._run(r)
+
+    def _run(self, r: Replica) -> None:
+        r.task = asyncio.create_task(r.manager.run(), name=f"worker-{r.worker}-{r.index}")
+        r.task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("replica_supervision_failed", task=task.get_name(), exc_info=task.exception())
+        if self.on_task_failed is not None:
+            self.on_task_failed()
+
+    on_task_failed: Callable[[], None] | None = None
+
+    async def shutdown(self) -> None:
+        """Stop every replica (gracefully, each with its own stop_grace_s), all at once."""
+        mgrs = [r.manager for r in self.replicas()] + [r.manager for r in self.retiring]
+        await asyncio.gather(*(m.shutdown() for m in mgrs), return_exceptions=True)
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        tasks = [r.task for r in [*self.replicas(), *self.retiring] if r.task is not None] + list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+
+    def stopped(self) -> bool:
+        return all(r.manager.stopped.is_set() for r in self.replicas())
+
+    def _spawn_task(self, coro) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # -- callbacks -----------------------------------------------------------------------------
+    def _down(self, g: WorkerGroup) -> None:
+        g.refresh()
+
+    def _state_changed(self, r: Replica, old: WorkerState, new: WorkerState, reason: str) -> None:
+        if new is WorkerState.READY and old is WorkerState.STARTING:
+            r.breaker.release_forced("worker ready")
+            g = self.groups.get(r.worker)
+            if g is not None and not g.spec.models and not g.discovered:
+                self._spawn_task(self._discover(g, r))
+        elif new is WorkerState.FAILED:
+            r.breaker.force_open("worker crash loop")
+        self._on_state(r, old, new, reason)
+        g = self.groups.get(r.worker)
+        if g is not None:
+            g.refresh()
+
+    async def _discover(self, g: WorkerGroup, r: Replica) -> None:
+        """Read the models a worker serves from its own GET /v1/models, once it is ready."""
+        inc = r.manager.current
+        if inc is None:
+            return
+        head = b"GET /v1/models HTTP/1.1\r\nHost: worker\r\nUser-Agent: gpu-supervisor\r\n\r\n"
+        conn = None
+        try:
+            async with asyncio.timeout(DISCOVERY_TIMEOUT_S):
+                conn = await inc.pool.connect()
+                await conn.start(head, None, False)
+                chunks = []
+                while chunk := await conn.read():
+                    chunks.append(chunk)
+            if conn.status != 200:
+                return
+            data = json.loads(b"".join(chunks))
+            names = tuple(str(m["id"]) for m in data.get("data", []) if isinstance(m, dict) and m.get("id"))
+        except (TimeoutError, UpstreamError, ValueError, TypeError, AttributeError, KeyError) as exc:
+            log.info("models_discovery_failed", worker=g.name, error=str(exc))
+            return
+        finally:
+            if conn is not None:
+                conn.abort()
+        taken = {m for other in self.groups.values() if other is not g for m in other.models}
+        clash = [m for m in names if m in taken]
+        g.discovered = tuple(m for m in names if m not in taken)
+        log.info("models_discovered", worker=g.name, models=list(g.discovered), ignored_as_taken=clash or None)
+
+    # -- readiness -----------------------------------------------------------------------------
+    def not_ready(self, now: float) -> list[str]:
+        why = []
+        for g in self.groups.values():
+            if g.spec.start != "eager":
+                continue
+            if not any(r.manager.serving for r in g.replicas):
+                why.append(f"worker {g.name}: no replica serving ({g.state_summary()})")
+            elif not any(r.breaker.would_allow(now) for r in g.serving()):
+                why.append(f"worker {g.name}: breaker open on every serving replica")
+        return why
+
+    # -- reload --------------------------------------------------------------------------------
+    def apply(self, settings: Settings) -> None:
+        """Add, remove and reconfigure workers and replicas; unchanged replicas keep running."""
+        self.settings = settings
+        new_fleet = settings.fleet
+        for name in [n for n in self.groups if n not in new_fleet]:
+            g = self.groups.pop(name)
+            for r in g.replicas:
+                self._retire(r)
+            g.queue.fail_waiting(lambda n=name: Rejected(
+                "worker_unavailable", f"worker {n!r} was removed by a configuration reload", 1.0))
+        for name, spec in new_fleet.items():
+            g = self.groups.get(name)
+            if g is None:
+                g = self.groups[name] = WorkerGroup(name, spec, settings)
+                g.queue.fits = self._queue_gate
+                for i, gpu in enumerate(spec.placements(self._gpus_seen())):
+                    g.replicas.append(self._new_replica(g, i, gpu, spec))
+                if self._started:
+                    for r in g.replicas:
+                        self._run(r)
+                g.refresh()
+                continue
+            g.queue.configure(settings.queue)
+            g.concurrency = spec.concurrency or settings.queue.concurrency
+            for r in g.replicas:
+                r.breaker.reconfigure(settings.breaker)
+            old_spec, g.spec = g.spec, spec
+            if spec.models != old_spec.models:
+                g.discovered = ()
+            # replicas by placement: keep those still wanted, retire the rest, add the new ones
+            want = list(spec.placements(self._gpus_seen()))
+            keep: list[Replica] = []
+            for r in g.replicas:
+                if r.gpu in want:
+                    keep.append(r)
+                    want.remove(r.gpu)
+                else:
+                    self._retire(r)
+            used = {r.index for r in keep}
+            for gpu in want:
+                idx = next(i for i in range(len(keep) + len(want) + 1) if i not in used)
+                used.add(idx)
+                r = self._new_replica(g, idx, gpu, spec)
+                keep.append(r)
+                if self._started:
+                    self._run(r)
+            g.replicas = sorted(keep, key=lambda r: r.index)
+            stale = [r for r in g.replicas if r.manager.spec.lifecycle() != spec.lifecycle()
+                     or r.manager.state is WorkerState.FAILED]
+            changed = bool(stale)
+            if changed and stale:
+                self._spawn_task(self._roll(g, stale, spec))
+            for r in g.replicas:
+                if r not in stale:
+                    r.manager.reconfigure(spec, settings.drain.timeout_s)  # no restart: fleet-level keys only
+            g.refresh()
+
+    async def _roll(self, g: WorkerGroup, stale: list[Replica], spec: WorkerSpec) -> None:
+        """Replace a changed worker one replica at a time: with N replicas, N - 1 keep serving."""
+        for r in stale:
+            if r not in g.replicas:
+                continue
+            was_up = r.manager.state is not WorkerState.UNLOADED
+            r.manager.reconfigure(spec, self.settings.drain.timeout_s)
+            if not was_up or len(g.replicas) == 1:
+                continue
+            deadline = time.monotonic() + spec.startup_timeout_s + self.settings.drain.timeout_s + spec.stop_grace_s
+            while (left := deadline - time.monotonic()) > 0:
+                moved = r.manager.moved
+                st = r.manager.state
+                if r.manager.serving or st in (WorkerState.FAILED, WorkerState.UNLOADED, WorkerState.STOPPED):
+                    break
+                await wait_quietly(moved.wait(), left)
+
+    def _retire(self, r: Replica) -> None:
+        self.retiring.append(r)
+        r.manager.retire()
+        log.info("replica_retiring", worker=r.worker, replica=r.index, gpu=r.gpu)
+
+        async def reap() -> None:
+            await r.manager.stopped.wait()
+            if r.task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await r.task
+            if r in self.retiring:
+                self.retiring.remove(r)
+            log.info("replica_retired", worker=r.worker, replica=r.index)
+
+        if r.task is not None:
+            self._spawn_task(reap())
+        else:
+            self.retiring.remove(r)

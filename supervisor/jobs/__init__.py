@@ -1,0 +1,1 @@
+"""Async jobs that survive the daemon: `Prefer: respond-async` requests stored durably and run later."""

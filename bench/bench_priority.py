@@ -311,7 +311,6 @@ async def run(args, nginx: str) -> int:
     rate = args.overload * 1000 / args.ms
     tmp = Path(tempfile.mkdtemp(prefix="gs-prio-"))
     rundir = tmp / "run"
-    sock = rundir / "worker-1.sock"
     sup_port, nginx_port = free_port(), free_port()
     policy = {
         "listen": {"host": "127.0.0.1", "port": sup_port},
@@ -332,6 +331,8 @@ async def run(args, nginx: str) -> int:
                                stdout=subprocess.DEVNULL, stderr=open(tmp / "supervisor.log", "w"))
         procs.append(sup)
         await wait_http(f"http://127.0.0.1:{sup_port}/readyz")
+        # the worker's socket is named <worker>-<replica>-<generation>.sock: the one in the runtime dir
+        sock = next(rundir.glob("*.sock"))
         (tmp / "nginx.conf").write_text(nginx_conf(tmp, sock, nginx_port, timeout=args.high_timeout))
         fronts = {"gpu-supervisor": f"http://127.0.0.1:{sup_port}", "nginx": f"http://127.0.0.1:{nginx_port}"}
         if args.only != "gpu-supervisor":

@@ -43,7 +43,6 @@ def main() -> int:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     tmp = Path(tempfile.mkdtemp(prefix="gs-bench-"))
     rundir = tmp / "run"
-    sock = rundir / "worker-1.sock"
     direct_port, sup_port, nginx_port, aio_port = free_port(), free_port(), free_port(), free_port()
     policy = {
         "listen": {"host": "127.0.0.1", "port": sup_port},
@@ -61,6 +60,8 @@ def main() -> int:
                                stdout=subprocess.DEVNULL, stderr=open(tmp / "supervisor.log", "w"))
         procs.append(sup)
         wait_http(f"http://127.0.0.1:{sup_port}/readyz")
+        # the worker's socket is named <worker>-<replica>-<generation>.sock: the one in the runtime dir
+        sock = next(rundir.glob("*.sock"))
         (tmp / "nginx.conf").write_text(nginx_conf(tmp, sock, nginx_port))
         ng = subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -65,7 +65,7 @@ class Supervisor:
                            on_exit=self._replica_exited, on_breaker=self._breaker_changed,
                            gate_factory=lambda r: (lambda: self.room.admit(r)),
                            on_protocol_error=lambda kind: self.metrics.worker_protocol_errors.labels(kind).inc(),
-                           on_spawn=self.pids_changed.set)
+                           on_spawn=self.pids_changed.set, on_idle=self._replica_idle)
         self.pressure = PressureControl(self, nvml_factory)
         self.fleet.queue_gate = self._gpu_fits
         self.path = RequestPath(self)
@@ -134,10 +134,16 @@ class Supervisor:
         if new is WorkerState.READY and old is WorkerState.STARTING and r.manager.last_start_s is not None:
             self.metrics.worker_start.observe(r.manager.last_start_s)
         self.room.on_state(r, new)
+        if new is WorkerState.READY:
+            self.jobs_slot_free()  # queued jobs for it may start now
         g = self.fleet.groups.get(r.worker)
         if new is WorkerState.UNLOADED and g is not None and g.queue.total > 0 and self.room.refusal(r) is None:
             # requests wait for it (they came while it was being evicted or unloaded): start it again
             r.manager.load()
+
+    def _replica_idle(self) -> None:
+        self.room.changed()  # an idle replica may now be evicted for a waiter
+        self.jobs_slot_free()
 
     def _replica_exited(self, r: Replica, info: ExitInfo) -> None:
         if info.reason in UNLOAD_EXITS:
@@ -195,7 +201,8 @@ class Supervisor:
         return None
 
     def jobs_slot_free(self) -> None:
-        if self.jobs is not None:
+        """A slot freed or a replica came up: wake the job loop, if any job waits (a cached count)."""
+        if self.jobs is not None and self.jobs.pending:
             self.jobs.notify_slot_free()
 
     def shutting_down(self) -> Rejected:
@@ -248,11 +255,17 @@ class Supervisor:
         return sum(g.queue.inflight() for g in self.fleet.groups.values())
 
     def status_line(self) -> str:
+        """systemd's STATUS=: one worker as "worker ready, ...", a fleet per worker and replica count."""
+        groups = list(self.fleet.groups.values())
+        tail = f"queue {self.queued()}, inflight {self.inflight()}"
+        if len(groups) == 1 and len(groups[0].replicas) == 1:
+            r = groups[0].replicas[0]
+            return f"worker {r.manager.state.value}, {tail}, breaker {r.breaker.state.value}"
         parts = []
-        for g in self.fleet.groups.values():
+        for g in groups:
             up = sum(1 for r in g.replicas if r.manager.state in SERVING_STATES)
             parts.append(f"{g.name} {up}/{len(g.replicas)} up")
-        return f"workers: {', '.join(parts)}; queue {self.queued()}, inflight {self.inflight()}"
+        return f"workers: {', '.join(parts)}; {tail}"
 
     def status(self) -> dict:
         return render_status(self)

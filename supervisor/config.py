@@ -11,10 +11,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .jobs.settings import JobsSettings
 
+
+def _url_path(v: str) -> str:
+    if not v.startswith("/"):
+        raise ValueError("must start with '/'")
+    return v
+
+
+UrlPath = Annotated[str, AfterValidator(_url_path)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 PosInt = Annotated[int, Field(gt=0)]
@@ -39,7 +47,7 @@ class Listen(_Model):
 
 
 class Health(_Model):
-    path: str = "/healthz"
+    path: UrlPath = "/healthz"
     """The worker's health endpoint: 2xx when it can serve."""
     interval_s: PosFloat = 2.0
     """Seconds between probes (each on its own connection)."""
@@ -47,13 +55,6 @@ class Health(_Model):
     """A probe slower than this has failed."""
     failures: PosInt = 3
     """Failed probes in a row that restart the worker (timeouts: reason hang, errors: reason health)."""
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must start with '/'")
-        return v
 
 
 class Restart(_Model):
@@ -87,19 +88,12 @@ class Recycle(_Model):
 class Progress(_Model):
     """A counter of the worker's own (e.g. generated tokens) that must move while it has work."""
 
-    path: str = "/metrics"
+    path: UrlPath = "/metrics"
     """Where the worker serves its Prometheus metrics."""
     metric: str
     """A counter that must move while the worker has work (e.g. generated tokens)."""
     stall_s: PosFloat = 60.0
     """Work waiting or in flight and the counter flat this long: hung (reason hang)."""
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must start with '/'")
-        return v
 
     @field_validator("metric")
     @classmethod
@@ -300,7 +294,7 @@ class Queue(_Model):
 
 
 class Route(_Model):
-    path: str
+    path: UrlPath
     """Path prefix this route matches."""
     methods: tuple[str, ...] | None = None
     """HTTP methods it matches (default: all)."""
@@ -318,13 +312,6 @@ class Route(_Model):
     """The worker that serves matching requests."""
     model: str | None = None
     """Matches the JSON body's `model`."""
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must start with '/'")
-        return v
 
     @field_validator("methods")
     @classmethod

@@ -130,6 +130,7 @@ class Fleet:
                  gate_factory: Callable[[Replica], Callable] | None = None,
                  on_protocol_error: Callable[[str], None] | None = None,
                  on_spawn: Callable[[], None] | None = None,
+                 on_idle: Callable[[], None] | None = None,
                  gpus_seen: Callable[[], int | None] = lambda: None):
         self.settings = settings
         self.runtime_dir = runtime_dir
@@ -141,6 +142,7 @@ class Fleet:
         self._gpus_seen = gpus_seen
         self._on_protocol_error = on_protocol_error
         self._on_spawn = on_spawn
+        self._on_idle = on_idle
         self.groups: dict[str, WorkerGroup] = {}
         self.exits: deque[dict] = deque(maxlen=RECENT_EXITS)
         self._tasks: set[asyncio.Task] = set()
@@ -184,7 +186,7 @@ class Fleet:
                             work_waiting=lambda: g.queue.total > 0,
                             pool_kw={"max_head_bytes": self.settings.limits.worker_head_bytes,
                                      "on_protocol_error": self._on_protocol_error},
-                            on_spawn=self._on_spawn)
+                            on_spawn=self._on_spawn, on_idle=self._on_idle)
         r = Replica(g.name, index, gpu, mgr, CircuitBreaker(self.settings.breaker, on_change=breaker_changed))
         holder.append(r)
         if self._gate_factory is not None:

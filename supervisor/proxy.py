@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -301,6 +302,7 @@ class RequestPath:
     async def run_job(self, req: JobRequest, attempt: int, max_result_bytes: int) -> JobResult:
         """One delivery of a job through the same routes, queue, replicas and retries as a request.
         Takes its queue slot before its first await (the job manager counts on it)."""
+        call = Call(f"job-{req.id}-{attempt}", time.monotonic(), req.method, "", self._default_level)
         try:
             call = self._job_call(req)
             call.rid = f"job-{req.id}-{attempt}"
@@ -308,8 +310,7 @@ class RequestPath:
             result = await self._dispatch(call, lambda replica, ticket: self._collect(
                 req, call, replica, ticket, max_result_bytes))
         except Rejected as r:
-            self._observe(call if "call" in locals() else Call("", time.monotonic(), req.method, "", 0),
-                          ERROR_TYPES[r.etype][0])
+            self._observe(call, ERROR_TYPES[r.etype][0])
             raise JobFailed(r.etype, r.message) from None
         self._observe(call, result.status)
         return result
@@ -321,7 +322,7 @@ class RequestPath:
         assert inc is not None
         key = next(self._keys)
         ex = replica.manager.begin_request(inc, key)
-        outcome = _Outcome(replica, call, time.monotonic(), inc, key)
+        outcome = _Outcome(replica, call, time.monotonic(), inc, key, self.sup.jobs_slot_free)
         head = self._head(call, req.target, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in req.headers],
                           b"", b"http")
         conn = None
@@ -359,7 +360,6 @@ class RequestPath:
             if conn is not None:
                 conn.abort()  # cancelled (DELETE /jobs/{id}) or failed: closing tells the worker to stop
             outcome.finish(ticket)
-            self.sup.jobs_slot_free()
 
     def _place(self, call: Call) -> None:
         """The worker group and the route's policy for this call."""
@@ -561,7 +561,7 @@ class RequestPath:
         key = next(self._keys)
         ex = replica.manager.begin_request(inc, key)
         t_start = time.monotonic()
-        outcome = _Outcome(replica, call, t_start, inc, key)
+        outcome = _Outcome(replica, call, t_start, inc, key, self.sup.jobs_slot_free)
         try:
             if call.deadline is None:  # the common case: no timer on the hot path
                 return await self._forward(request, call, replica, inc, ex, outcome, ticket, None)
@@ -713,12 +713,7 @@ class RequestPath:
         reader.add_done_callback(lambda t: self._worker_done(t, conn, inc, outcome, ticket, tm))
         client_timeout = lim.client_timeout_s
         try:
-            chunks = spool.chunks()
-            while True:
-                try:
-                    chunk = await _next_or_fail(chunks, reader)
-                except StopAsyncIteration:
-                    break
+            async for chunk in spool.chunks():
                 try:
                     async with asyncio.timeout(client_timeout):
                         await resp.write(chunk)
@@ -727,8 +722,7 @@ class RequestPath:
                     log.warning("client_stalled", request_id=call.rid, client_timeout_s=client_timeout)
                     request.transport.close()
                     raise asyncio.CancelledError from None
-            if reader.done() and reader.exception() is not None:
-                raise reader.exception()
+            await reader  # all that came is sent; the worker's failure, if any, is raised here
         except (UpstreamError, TimeoutError, asyncio.CancelledError, SpoolError) as exc:
             expired = tm is not None and tm.expired()
             if not reader.done():
@@ -776,46 +770,35 @@ class RequestPath:
 
 async def _fill(conn: UpstreamConnection, spool: ResponseSpool, ex) -> None:
     """Read the worker's answer into the spool as fast as it comes; past the spool's limits, wait for
-    the client (then the exchange counts as held up by the client, never as a stalled worker)."""
+    the client (then the exchange counts as held up by the client, never as a stalled worker). Whatever
+    happens, the spool is finished: the client gets all that came, then the error if there was one."""
     piece = spool.memory_limit  # whatever conn.read() gathered, the spool takes it in pieces that fit
-    while data := await conn.read():
-        for i in range(0, len(data), piece):
-            chunk = data[i:i + piece] if len(data) > piece else data
-            try:
-                await spool.append(chunk)
-            except SpoolFull:
-                ex.client_wait = True
-                try:
-                    await spool.wait_drained()  # everything sent: a piece fits in memory now
-                    await spool.append(chunk)
-                finally:
-                    ex.client_wait = False
-    spool.finish()
-
-
-async def _next_or_fail(chunks, reader: asyncio.Future) -> bytes:
-    """The next spooled chunk, or the reader's error as soon as it fails (never wait on a dead reader)."""
-    nxt = asyncio.ensure_future(chunks.__anext__())
     try:
-        await asyncio.wait((nxt, reader), return_when=asyncio.FIRST_COMPLETED)
-        if nxt.done():
-            return nxt.result()
-        exc = reader.exception() if not reader.cancelled() else None
-        if exc is not None:
-            raise exc
-        return await nxt  # the reader finished cleanly: what is left in the spool
+        while data := await conn.read():
+            for i in range(0, len(data), piece):
+                chunk = data[i:i + piece] if len(data) > piece else data
+                try:
+                    await spool.append(chunk)
+                except SpoolFull:
+                    ex.client_wait = True
+                    try:
+                        await spool.wait_drained()  # everything sent: a piece fits in memory now
+                        await spool.append(chunk)
+                    finally:
+                        ex.client_wait = False
     finally:
-        if not nxt.done():
-            nxt.cancel()
+        spool.finish()
 
 
 class _Outcome:
     """What one exchange tells the replica's breaker and the queue, told once."""
 
-    __slots__ = ("replica", "call", "t_start", "inc", "key", "status", "oom", "recorded", "finished")
+    __slots__ = ("replica", "call", "t_start", "inc", "key", "status", "oom", "recorded", "finished", "freed")
 
-    def __init__(self, replica: Replica, call: Call, t_start: float, inc: Incarnation, key: int):
+    def __init__(self, replica: Replica, call: Call, t_start: float, inc: Incarnation, key: int,
+                 freed: Callable[[], None]):
         self.replica = replica
+        self.freed = freed  # a slot is free: queued async jobs may take it
         self.inc = inc
         self.key = key
         self.call = call
@@ -850,6 +833,7 @@ class _Outcome:
         self.finished = True
         self.call.group.queue.release(ticket, time.monotonic() - self.t_start)
         self.replica.manager.end_request(self.inc, self.key, self.oom)
+        self.freed()
 
 
 async def _died(inc: Incarnation, exc: UpstreamError) -> bool:

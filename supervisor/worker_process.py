@@ -225,7 +225,9 @@ class WorkerManager:
         work_waiting: Callable[[], bool] | None = None,
         pool_kw: dict | None = None,
         on_spawn: Callable[[], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
     ):
+        self.on_idle = on_idle  # its last request in flight ended (the GPU ledger may re-plan)
         self.on_spawn = on_spawn  # a process started (or is gone): the pid file wants writing
         self.pool_kw = pool_kw or {}  # the upstream pool's bounds and protocol-error hook
         self.spec = spec
@@ -326,6 +328,8 @@ class WorkerManager:
         if not inc.inflight:
             self.last_used = time.monotonic()
             inc.idle.set()
+            if self.on_idle is not None:
+                self.on_idle()
             if self.state is WorkerState.BUSY and inc is self.current:
                 self._move(WorkerState.READY, "idle", "debug")
 
@@ -627,7 +631,7 @@ class WorkerManager:
             await wait_quietly(self._wait_any(inc.exited, self._wake), min(delay, max(0.0, deadline - now)))
             if self._shutdown:
                 return ExitReason.SHUTDOWN
-            delay = min(delay * 1.5, 0.25)
+            delay = min(delay * 1.5, 0.05)  # (a probe is one connect: cheap; a late ready costs more)
 
     @staticmethod
     async def _wait_any(*events: asyncio.Event) -> None:

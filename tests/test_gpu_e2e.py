@@ -103,3 +103,58 @@ async def test_real_cuda_oom_in_model_worker_is_answered_and_the_worker_recovers
     assert st["worker"]["restarts"] == 0 and st["breaker"]["state"] == "closed"
     assert st["gpu"]["available"] is True
     assert st["worker"]["gpu_memory_bytes"] > 0
+
+
+async def test_two_real_model_workers_take_turns_on_one_gpu(supervisor_factory, tmp_path):
+    """Two on-demand model_worker replicas on one real GPU with room for one: a real swap, NVML figures
+    before and after, and the time it took (printed for the record; never asserted)."""
+    import subprocess
+    import sys
+    import time
+
+    model = tmp_path / "tiny-gpt2"
+    subprocess.run([sys.executable, "-m", "model_worker.tiny_model", str(model)], check=True)
+    used, total = _gpu()
+    mib = 1 << 20
+    need_mb = 1500  # declared per replica: more than the tiny model holds with its CUDA context
+    budget = used // mib + need_mb + need_mb // 2  # room for one of the two, never both
+
+    def worker(name: str) -> dict:
+        return {"command": ["{python}", "-m", "model_worker", "--socket", "{socket}", "--model", str(model),
+                            "--device", "cuda"], "models": [name], "gpus": [0], "start": "on_demand",
+                "gpu_memory_mb": need_mb, "min_resident_s": 0, "startup_timeout_s": 120}
+
+    cfg = fast_config(runtime_dir=tempfile.mkdtemp(prefix="gs-gpu-"),
+                      gpu={"enabled": True, "poll_interval_s": 0.1, "budget_mb": {0: budget}, "settle_timeout_s": 20,
+                           "thresholds": {"soft": 0.97, "hard": 0.98, "critical": 0.99}})
+    cfg.pop("worker")
+    cfg["workers"] = {"a": worker("a"), "b": worker("b")}
+    sp = await supervisor_factory(cfg)
+    body = {"prompt": "hello", "max_tokens": 4, "temperature": 0}
+    async with sp.session.post("/v1/completions", json={**body, "model": "a"}) as r:
+        assert r.status == 200, await r.text()
+    st = await sp.status()
+    a_pid = st["workers"]["a"]["replicas"][0]["pid"]
+    await wait_until(lambda: _nvml_holds(a_pid), 20, "NVML sees a's memory")
+    t0 = time.monotonic()
+    async with sp.session.post("/v1/completions", json={**body, "model": "b"},
+                               headers={"X-Request-Timeout": "120"}) as r:
+        assert r.status == 200, await r.text()
+    swap_s = time.monotonic() - t0
+    st = await sp.status()
+    assert st["workers"]["a"]["replicas"][0]["state"] == "unloaded"
+    assert st["workers"]["a"]["replicas"][0]["last_exit"]["reason"] == "evicted"
+    b_pid = st["workers"]["b"]["replicas"][0]["pid"]
+    assert not _nvml_holds(a_pid) and _nvml_holds(b_pid)
+    print(f"\nGPU swap a -> b: {swap_s:.3f} s; ledger {st['gpu']['ledger']}")
+
+
+def _nvml_holds(pid: int) -> bool:
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return any(p.pid == pid and (p.usedGpuMemory or 0) > 0 for p in procs)
+    finally:
+        pynvml.nvmlShutdown()

@@ -185,3 +185,17 @@ async def test_a_job_that_always_crashes_its_worker_is_dead_lettered(supervisor_
     final = await _final(sp, job["id"], 30)
     assert final["status"] == "failed" and final["error"]["type"] in ("dead_letter", "worker_crashed")
     assert final["attempts"] >= 2
+
+
+async def test_a_corrupt_job_store_is_a_clear_startup_error_naming_the_file():
+    d = Path(tempfile.mkdtemp(prefix="gs-"))
+    try:
+        (d / "jobs.db").write_bytes(b"this is not a SQLite database, just junk " * 100)
+        sp = SupervisorProcess(d, fast_config())
+        with pytest.raises(AssertionError, match="exited"):
+            await sp.start(wait_ready=False, timeout=20)
+        assert await sp.wait_exit(10) == 1
+        ev = sp.events("jobs_store_unusable")
+        assert ev and str(d / "jobs.db") in ev[0]["error"]
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -91,7 +91,8 @@ async def supervised(model: str, *extra_args: str, **overrides: Any) -> AsyncIte
 
 
 def worker_socket(sp: SupervisorProcess, status: dict) -> Path:
-    return Path(sp.config["runtime_dir"]) / f"worker-{status['worker']['generation']}.sock"
+    w = status["worker"]
+    return Path(sp.config["runtime_dir"]) / f"{w['name']}-{w['replica']}-{w['generation']}.sock"
 
 
 async def worker_health(sp: SupervisorProcess) -> dict:

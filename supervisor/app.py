@@ -46,7 +46,8 @@ class _JobRunner:
 
 
 class Supervisor:
-    def __init__(self, loaded: LoadedConfig, runtime_dir: Path, base_env: dict[str, str], nvml_factory=Nvml):
+    def __init__(self, loaded: LoadedConfig, runtime_dir: Path, base_env: dict[str, str], nvml_factory=Nvml,
+                 gpus_seen: int | None = None):
         self.loaded = loaded
         self.settings: Settings = loaded.settings
         self.config_generation = 1
@@ -65,7 +66,7 @@ class Supervisor:
                            on_exit=self._replica_exited, on_breaker=self._breaker_changed,
                            gate_factory=lambda r: (lambda: self.room.admit(r)),
                            on_protocol_error=lambda kind: self.metrics.worker_protocol_errors.labels(kind).inc(),
-                           on_spawn=self.pids_changed.set, on_idle=self._replica_idle)
+                           on_spawn=self.pids_changed.set, on_idle=self._replica_idle, gpus_seen=gpus_seen)
         self.pressure = PressureControl(self, nvml_factory)
         self.fleet.queue_gate = self._gpu_fits
         self.path = RequestPath(self)

@@ -27,6 +27,7 @@ from . import config as cfg
 from . import leftovers, logs, ui
 from .app import Supervisor
 from .errors import error_response
+from .gpu_watch import Nvml, count_devices
 from .jobs.api import JobsApi
 from .jobs.settings import resolve_state_dir
 from .jobs.store import StoreCorrupt
@@ -187,7 +188,10 @@ class Daemon:
             log.error("admin_token_unreadable", path=s.admin.token_file, error=str(exc))
             return 1
         kw = {"nvml_factory": self.nvml_factory} if self.nvml_factory is not None else {}
-        sup = self.sup = Supervisor(self.loaded, runtime_dir, self.env.base_env, **kw)
+        gpus_seen = None
+        if s.gpu.enabled is not False and any(w.gpus is not None for w in s.fleet.values()):
+            gpus_seen = await asyncio.to_thread(count_devices, self.nvml_factory or Nvml)  # `auto`, and a check
+        sup = self.sup = Supervisor(self.loaded, runtime_dir, self.env.base_env, gpus_seen=gpus_seen, **kw)
         split_admin = s.admin.listen is not None
         state_env = {"STATE_DIRECTORY": self.env.state_directory} if self.env.state_directory else {}
         try:

@@ -64,9 +64,13 @@ class Replica:
     def label(self) -> str:
         return str(self.index)
 
+    @property
+    def admits(self) -> bool:
+        """Serving, and not being cleared out by the GPU ledger."""
+        return self.manager.serving and not self.draining_for_room and not self.evict_mark
+
     def can_take(self, now: float) -> bool:
-        return self.manager.serving and not self.draining_for_room and not self.evict_mark \
-            and self.breaker.would_allow(now)
+        return self.admits and self.breaker.would_allow(now)
 
 
 class WorkerGroup:
@@ -97,7 +101,7 @@ class WorkerGroup:
 
     def refresh(self) -> None:
         """Slots follow the replicas that serve; the wait line opens when one does."""
-        n = sum(1 for r in self.replicas if r.manager.serving and not r.draining_for_room and not r.evict_mark)
+        n = sum(1 for r in self.replicas if r.admits)
         self.queue.pools["default"].size = self.concurrency * max(1, n)
         self.queue.open = n > 0 and not self.paused
         if self.queue.open:
@@ -131,7 +135,7 @@ class Fleet:
                  on_protocol_error: Callable[[str], None] | None = None,
                  on_spawn: Callable[[], None] | None = None,
                  on_idle: Callable[[], None] | None = None,
-                 gpus_seen: Callable[[], int | None] = lambda: None):
+                 gpus_seen: int | None = None):
         self.settings = settings
         self.runtime_dir = runtime_dir
         self.base_env = base_env
@@ -151,7 +155,7 @@ class Fleet:
         self._queue_gate: Callable[[int], bool] | None = None  # a route's gpu_memory_mb: may it start now?
         for name, spec in settings.fleet.items():
             g = self.groups[name] = WorkerGroup(name, spec, settings)
-            for i, gpu in enumerate(spec.placements(gpus_seen())):
+            for i, gpu in enumerate(self._placements(name, spec)):
                 g.replicas.append(self._new_replica(g, i, gpu, spec))
             g.refresh()
 
@@ -164,6 +168,16 @@ class Fleet:
         self._queue_gate = fits
         for g in self.groups.values():
             g.queue.fits = fits
+
+    def _placements(self, name: str, spec: WorkerSpec) -> tuple[int | None, ...]:
+        gpus = spec.placements(self._gpus_seen)
+        unseen = [g for g in gpus if g is not None and self._gpus_seen is not None and g >= self._gpus_seen]
+        if unseen:
+            log.warning("gpu_not_seen", worker=name, gpus=unseen, nvml_devices=self._gpus_seen,
+                        action="starting its replicas anyway")
+        elif spec.gpus == "auto" and not self._gpus_seen:
+            log.warning("gpus_auto_without_nvml", worker=name, action="one replica, no GPU pinned")
+        return gpus
 
     # -- records -------------------------------------------------------------------------------
     def _new_replica(self, g: WorkerGroup, index: int, gpu: int | None, spec: WorkerSpec) -> Replica:
@@ -325,7 +339,7 @@ class Fleet:
             if g is None:
                 g = self.groups[name] = WorkerGroup(name, spec, settings)
                 g.queue.fits = self._queue_gate
-                for i, gpu in enumerate(spec.placements(self._gpus_seen())):
+                for i, gpu in enumerate(self._placements(name, spec)):
                     g.replicas.append(self._new_replica(g, i, gpu, spec))
                 if self._started:
                     for r in g.replicas:
@@ -340,7 +354,7 @@ class Fleet:
             if spec.models != old_spec.models:
                 g.discovered = ()
             # replicas by placement: keep those still wanted, retire the rest, add the new ones
-            want = list(spec.placements(self._gpus_seen()))
+            want = list(self._placements(name, spec))
             keep: list[Replica] = []
             for r in g.replicas:
                 if r.gpu in want:

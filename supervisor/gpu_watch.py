@@ -8,6 +8,7 @@ hangs leaves the last reading in place, marked stale, and never stalls the event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -65,6 +66,22 @@ class Nvml:
     def processes(self, handle: Any) -> list[tuple[int, int | None]]:
         """(pid, usedGpuMemory bytes or None when the driver does not say) of compute processes."""
         return [(int(p.pid), p.usedGpuMemory) for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+
+
+def count_devices(nvml_factory: Callable[[], Nvml] = Nvml) -> int | None:
+    """How many GPUs NVML sees, or None without NVML (blocking: call it in a thread)."""
+    nvml = nvml_factory()
+    try:
+        nvml.init()
+    except pynvml.NVMLError:
+        return None
+    try:
+        return nvml.device_count()
+    except pynvml.NVMLError:
+        return None
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            nvml.shutdown()
 
 
 def _text(value: str | bytes) -> str:

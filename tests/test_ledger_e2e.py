@@ -257,3 +257,25 @@ async def _state_is(s, worker: str, state: str) -> bool:
 
 async def _foreign(s, n: int) -> bool:
     return (await _status(s))["gpu"]["ledger"][0]["foreign_bytes"] == n
+
+
+async def test_gpus_auto_takes_every_gpu_nvml_sees_and_an_unseen_gpu_is_warned_about(inproc):
+    from structlog.testing import capture_logs
+
+    nvml = FakeNvml(devices=2, total=8000 * MiB)
+    c = ledger_config({"m": {"gpus": "auto", "gpu_memory_mb": 100}, "x": {"gpus": [0, 3], "gpu_memory_mb": 100}},
+                      budget_mb=100000)
+    c["gpu"] = {"enabled": True, "poll_interval_s": 0.05}
+    with capture_logs() as logs:
+        d, s = await inproc(c, nvml)
+        st = await _status(s)
+    assert [r["gpu"] for r in st["workers"]["m"]["replicas"]] == [0, 1]
+    assert [r["gpu"] for r in st["workers"]["x"]["replicas"]] == [0, 3]  # started anyway
+    warned = [e for e in logs if e["event"] == "gpu_not_seen"]
+    assert warned and warned[0]["worker"] == "x" and warned[0]["gpus"] == [3]
+    await wait_until(lambda: _all_serving(s, "x", 2), 15, "x's replicas up")
+
+
+async def _all_serving(s, worker: str, n: int) -> bool:
+    reps = (await _status(s))["workers"][worker]["replicas"]
+    return sum(1 for r in reps if r["state"] in ("ready", "busy")) == n

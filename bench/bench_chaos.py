@@ -547,7 +547,8 @@ def report(res: dict) -> str:
         f"{a['rss_bytes'] / MIB:.1f} MiB ({(a['rss_bytes'] - b['rss_bytes']) / MIB:+.1f}), "
         f"threads {b['threads']} -> {a['threads']}; alive: {res['daemon_alive']}",
         f"log events: {res['log_events']}",
-        f"SIGSTOPped replicas' exits: {res['sigstopped_exits']}",
+        "SIGSTOPped replicas' exit reasons: "
+        f"{dict(collections.Counter(e['reason'] if e else 'not seen' for e in res['sigstopped_exits'].values()))}",
         "",
         "checks: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in res["checks"].items()),
     ]

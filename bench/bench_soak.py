@@ -183,6 +183,8 @@ async def main(args: argparse.Namespace) -> dict:
                     "slope_per_min_second_half": slope_per_min(half)},
         "fds": {"first": fds[0], "last": fds[-1], "max": max(fds), "min": min(fds)},
         "flat": max(rss) - min(rss) <= args.flat_mb,
+        # kept-alive worker connections (one per slot at most) may come and go; nothing else should
+        "fds_flat": fds[-1] - fds[0] <= args.replicas * args.concurrency,
         "samples": samples, "problems": load.problems,
     }
 
@@ -200,7 +202,8 @@ def report(res: dict) -> str:
         f"{'2nd half':>10}",
         f"{'':<16}{r['first']:>8.1f}{r['last']:>8.1f}{r['min']:>8.1f}{r['max']:>8.1f}{r['spread']:>8.1f}"
         f"{r['slope_per_min']:>+11.3f}{r['slope_per_min_second_half']:>+10.3f}",
-        f"daemon fds: first {f['first']}, last {f['last']}, min {f['min']}, max {f['max']}",
+        f"daemon fds: first {f['first']}, last {f['last']}, min {f['min']}, max {f['max']}: "
+        f"{'PASS' if res['fds_flat'] else 'FAIL'}",
         f"flat within {res['config']['flat_mb']:g} MB: {'PASS' if res['flat'] else 'FAIL'}",
     ])
 

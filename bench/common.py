@@ -35,9 +35,9 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
-            proxy_connect_timeout {timeout}s;
-            proxy_send_timeout {timeout}s;
-            proxy_read_timeout {timeout}s;
+            proxy_connect_timeout {timeout_ms}ms;
+            proxy_send_timeout {timeout_ms}ms;
+            proxy_read_timeout {timeout_ms}ms;
         }}
     }}
 }}
@@ -46,7 +46,8 @@ http {{
 
 def nginx_conf(tmp: Path, sock: Path | str, port: int, timeout: float = 60) -> str:
     """One nginx worker proxying 127.0.0.1:port to a Unix socket with kept-alive connections."""
-    return NGINX_CONF.format(tmp=tmp, sock=sock, port=port, timeout=timeout,
+    # in whole milliseconds: nginx refuses a fractional "2.0s"
+    return NGINX_CONF.format(tmp=tmp, sock=sock, port=port, timeout_ms=round(timeout * 1000),
                              user=pwd.getpwuid(os.getuid()).pw_name)
 
 

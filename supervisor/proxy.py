@@ -591,8 +591,18 @@ class RequestPath:
             outcome.oom = _is_oom(conn.headers)
             outcome.status = conn.status
             headers = self._response_headers(conn.headers, call, replica)
+            first: list[bytes] = []
+            if not conn.complete and call.attempt < call.max_attempts and call.method != "HEAD" \
+                    and _sized(conn.headers, self.settings.limits.buffer_bytes):
+                # a retry-safe answer of a known size (not a stream): hold its head until it is all in,
+                # so a worker that dies mid-answer means a retry, not a cut body
+                first, done = await _gather(conn, self.settings.limits.buffer_bytes)
+                if done:
+                    inc.pool.put(conn)
+                    outcome.record()
+                    return web.Response(status=conn.status, body=b"".join(first), headers=headers)
             if not conn.complete:
-                return await self._relay(request, call, conn, inc, ex, headers, outcome, ticket, tm)
+                return await self._relay(request, call, conn, inc, ex, headers, outcome, ticket, tm, first)
             status, data, raw = conn.status, conn.take_buffered(), conn.headers
             inc.pool.put(conn)
         except BaseException:
@@ -695,7 +705,7 @@ class RequestPath:
             h["X-Degraded"] = replica.manager.degraded
         return h
 
-    async def _relay(self, request, call, conn, inc, ex, headers, outcome, ticket, tm):
+    async def _relay(self, request, call, conn, inc, ex, headers, outcome, ticket, tm, first=()):
         """Stream the answer to the client while reading the worker as fast as it sends (nginx-style
         buffering, memory then disk), so a finished worker answer frees its slot whatever the client's
         speed; SSE still goes out event by event."""
@@ -708,7 +718,7 @@ class RequestPath:
         lim = self.settings.limits
         spool = ResponseSpool(max(lim.buffer_bytes, STREAM_CHUNK), lim.spool_dir or tempfile.gettempdir(),
                               lim.spool_bytes)
-        reader = asyncio.ensure_future(_fill(conn, spool, ex))
+        reader = asyncio.ensure_future(_fill(conn, spool, ex, first))
         # the moment the worker's answer is all in, its slot is free (the client may still be reading)
         reader.add_done_callback(lambda t: self._worker_done(t, conn, inc, outcome, ticket, tm))
         client_timeout = lim.client_timeout_s
@@ -768,12 +778,39 @@ class RequestPath:
             tm.reschedule(None)  # the deadline is the worker's; the client's pace is bounded separately
 
 
-async def _fill(conn: UpstreamConnection, spool: ResponseSpool, ex) -> None:
+def _sized(raw: list[tuple[bytes, bytes]], limit: int) -> bool:
+    """An answer with a Content-Length within `limit` (chunked or close-delimited ones are streams)."""
+    for k, v in raw:
+        if k.lower() == b"content-length":
+            try:
+                return int(v) <= limit
+            except ValueError:
+                return False
+    return False
+
+
+async def _gather(conn: UpstreamConnection, limit: int) -> tuple[list[bytes], bool]:
+    """Read the answer until it ends or passes `limit` bytes: (what came, whether it ended)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await conn.read()
+        if not chunk:
+            return chunks, True
+        chunks.append(chunk)
+        size += len(chunk)
+    return chunks, False
+
+
+async def _fill(conn: UpstreamConnection, spool: ResponseSpool, ex, first=()) -> None:
     """Read the worker's answer into the spool as fast as it comes; past the spool's limits, wait for
     the client (then the exchange counts as held up by the client, never as a stalled worker). Whatever
     happens, the spool is finished: the client gets all that came, then the error if there was one."""
     piece = spool.memory_limit  # whatever conn.read() gathered, the spool takes it in pieces that fit
     try:
+        for data in first:
+            for i in range(0, len(data), piece):
+                await spool.append(data[i:i + piece])
         while data := await conn.read():
             for i in range(0, len(data), piece):
                 chunk = data[i:i + piece] if len(data) > piece else data

@@ -233,3 +233,17 @@ async def test_runtime_dir_too_long_for_a_socket_is_refused_at_start(tmp_path):
     assert await sp.wait_exit(20) == 1
     ev = sp.events("runtime_dir_too_long")
     assert ev and ev[0]["limit_bytes"] == 107
+
+
+async def test_a_sized_answer_cut_by_death_is_retried_whole(supervisor_factory, tmp_path):
+    """A retry-safe request whose answer has a Content-Length: its head is held until the answer is
+    all in, so a worker that dies mid-answer means a retry and a whole body, not a cut one."""
+    from tests.workers.ctl_worker import big_pattern
+
+    sp = await supervisor_factory(fast_config())
+    marker = tmp_path / "crashed"
+    async with sp.session.get(f"/crash-mid-body?bytes=100000&marker={marker}") as r:
+        assert r.status == 200
+        body = await r.read()
+        assert r.headers["X-Supervisor-Attempts"] == "2"
+    assert marker.exists() and body == big_pattern(100000)

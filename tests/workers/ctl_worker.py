@@ -345,6 +345,25 @@ async def crash_after_headers(request: web.Request) -> web.StreamResponse:
     os._exit(3)
 
 
+async def crash_mid_body(request: web.Request) -> web.StreamResponse:
+    """A sized answer (Content-Length) cut by the worker's death halfway, the first time only: the
+    file `marker` records that it happened (the next worker answers it whole)."""
+    n = int(_num(request, "bytes", int, 100_000))
+    marker = request.query.get("marker", "")
+    body = big_pattern(n)
+    if marker and os.path.exists(marker):
+        return web.Response(body=body, content_type="application/octet-stream")
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    resp.content_length = n
+    await resp.prepare(request)
+    await resp.write(body[: n // 2])
+    if marker:
+        with open(marker, "w") as f:
+            f.write("crashed once")
+    log("crash_mid_body", code=3)
+    os._exit(3)
+
+
 async def die_oom(request: web.Request) -> web.Response:
     log("die_oom", code=1)
     print_oom_traceback()
@@ -480,6 +499,7 @@ def make_app(opts: Options) -> web.Application:
     r.add_get("/oom", oom)
     r.add_get("/crash", crash)
     r.add_get("/crash-after-headers", crash_after_headers)
+    r.add_get("/crash-mid-body", crash_mid_body)
     r.add_get("/die-oom", die_oom)
     r.add_get("/garbage", garbage)
     r.add_get("/close", close)

@@ -719,8 +719,22 @@ class RequestPath:
         spool = ResponseSpool(max(lim.buffer_bytes, STREAM_CHUNK), lim.spool_dir or tempfile.gettempdir(),
                               lim.spool_bytes)
         reader = asyncio.ensure_future(_fill(conn, spool, ex, first))
-        # the moment the worker's answer is all in, its slot is free (the client may still be reading)
-        reader.add_done_callback(lambda t: self._worker_done(t, conn, inc, outcome, ticket, tm))
+        handed_back = False
+
+        def worker_done(t: asyncio.Future) -> None:
+            """The worker's answer is all in: its connection back to the pool and its slot free now,
+            whatever the client still has to read. Once, from whichever comes first."""
+            nonlocal handed_back
+            if handed_back or t.cancelled() or t.exception() is not None:
+                return
+            handed_back = True
+            inc.pool.put(conn)
+            outcome.record()
+            outcome.finish(ticket)
+            if tm is not None and not tm.expired():
+                tm.reschedule(None)  # the deadline is the worker's; the client's pace is bounded separately
+
+        reader.add_done_callback(worker_done)
         client_timeout = lim.client_timeout_s
         try:
             async for chunk in spool.chunks():
@@ -733,6 +747,7 @@ class RequestPath:
                     request.transport.close()
                     raise asyncio.CancelledError from None
             await reader  # all that came is sent; the worker's failure, if any, is raised here
+            worker_done(reader)
         except (UpstreamError, TimeoutError, asyncio.CancelledError, SpoolError) as exc:
             expired = tm is not None and tm.expired()
             if not reader.done():
@@ -742,7 +757,7 @@ class RequestPath:
             # past the deadline the cancellation is the timeout's: the answer has started, so it
             # cannot become a 504 any more; end it here (the timeout then exits quietly)
             timed_out = not isinstance(exc, UpstreamError | SpoolError)
-            if not outcome.finished:
+            if not handed_back:
                 conn.abort()
             if tm is not None and not expired:
                 tm.reschedule(None)  # the deadline must not cut the error event short
@@ -767,15 +782,6 @@ class RequestPath:
         await resp.write_eof()
         return resp
 
-    def _worker_done(self, reader: asyncio.Future, conn, inc, outcome, ticket, tm) -> None:
-        """The worker's answer is all in: free its slot now, whatever the client still has to read."""
-        if outcome.finished or reader.cancelled() or reader.exception() is not None:
-            return
-        inc.pool.put(conn)
-        outcome.record()
-        outcome.finish(ticket)
-        if tm is not None and not tm.expired():
-            tm.reschedule(None)  # the deadline is the worker's; the client's pace is bounded separately
 
 
 def _sized(raw: list[tuple[bytes, bytes]], limit: int) -> bool:

@@ -300,3 +300,20 @@ async def test_predecessor_pid_reuse_is_never_killed(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+async def test_streamed_answers_leak_no_worker_connection(supervisor_factory):
+    """Every SSE or chunked answer hands its worker connection back (or closes it): the daemon's open
+    files stay flat however many streams it relays."""
+    sp = await supervisor_factory(fast_config())
+    proc = psutil.Process(sp.proc.pid)
+    for path in ("/stream?n=3&interval=0.01", "/chunked?n=3&interval=0.01"):
+        async with sp.session.get(path) as r:
+            await r.read()
+    before = proc.num_fds()
+    for _ in range(30):
+        for path in ("/stream?n=3&interval=0.01", "/chunked?n=3&interval=0.01", "/big?bytes=300000"):
+            async with sp.session.get(path) as r:
+                assert r.status == 200
+                await r.read()
+    assert proc.num_fds() <= before + 4, (before, proc.num_fds())

@@ -218,6 +218,12 @@ class RequestPath:
         call.route = route
         self._place(call)
         self._parse_deadline(request, call)
+        call.retry_ok = route.retry if route is not None and route.retry is not None \
+            else call.method in self._retry_methods
+        if self.sup.jobs is not None and wants_async(request.headers.getall("Prefer", ())):
+            # a job is stored whatever the queue, breaker or pressure say now: it runs when it can
+            await self._send_continue(request, call)
+            return await self._submit_job(request, call)
         self._admission(call)
         await self._send_continue(request, call)
         if call.body is None:
@@ -225,15 +231,9 @@ class RequestPath:
                 call.body = b""
             elif cl is not None and cl <= s.retry.max_body_bytes:
                 call.body = await self._read_body(request)
-        if route is not None and route.retry is not None:
-            call.retry_ok = route.retry
-        else:
-            call.retry_ok = call.method in self._retry_methods
         if call.body is None:
             call.retry_ok = False  # streamed through: it cannot be sent twice
         call.max_attempts = s.retry.max_attempts if call.retry_ok else 1
-        if self.sup.jobs is not None and wants_async(request.headers.getall("Prefer", ())):
-            return await self._submit_job(request, call)
         return await self._dispatch(call, lambda replica, ticket: self._exchange(request, call, replica, ticket))
 
     # -- async jobs ----------------------------------------------------------------------------
@@ -249,7 +249,7 @@ class RequestPath:
             timeout_s = route.timeout_s
         req = job_request(call.method, request.raw_path, request.headers.items(), call.body, now=jobs.now(),
                           priority=self._level_names[call.level], timeout_s=timeout_s,
-                          retry_safe=call.retry_ok or call.method in self._retry_methods,
+                          retry_safe=call.retry_ok,
                           worker=call.worker_label, fairness_key=call.client)
         try:
             job, _ = await jobs.submit(req)

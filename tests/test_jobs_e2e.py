@@ -5,6 +5,7 @@ Real daemons, a real SQLite file in the daemon's state directory, a real redis-s
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import shutil
 import signal
@@ -199,3 +200,27 @@ async def test_a_corrupt_job_store_is_a_clear_startup_error_naming_the_file():
         assert ev and str(d / "jobs.db") in ev[0]["error"]
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_a_job_is_accepted_while_the_queue_is_full_and_runs_later(supervisor_factory):
+    sp = await supervisor_factory(fast_config(queue={"concurrency": 1, "max_size": 1}))
+    running = asyncio.create_task(sp.session.get("/sleep?s=1"))
+    await wait_until(lambda: _inflight(sp), 10, "one running")
+    queued = asyncio.create_task(sp.session.get("/sleep?s=0.1"))
+    await wait_until(lambda: _queued(sp), 10, "one queued")
+    async with sp.session.get("/hello") as r:
+        assert r.status == 429  # synchronous: the queue is full
+    async with sp.session.get("/hello", headers=ASYNC) as r:
+        assert r.status == 202  # a job is stored anyway, and runs when there is room
+        job = await r.json()
+    assert (await _final(sp, job["id"]))["status"] == "succeeded"
+    for t in (running, queued):
+        (await t).release()
+
+
+async def _inflight(sp) -> bool:
+    return (await sp.status())["queue"]["inflight"] >= 1
+
+
+async def _queued(sp) -> bool:
+    return (await sp.status())["queue"]["total"] >= 1

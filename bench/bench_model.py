@@ -2,7 +2,7 @@
 
 Starts gpu-supervisor twice, each in front of the built-in model_worker: a tiny GPT-2 (built here by
 `python -m model_worker.tiny_model`) and MiniLM (`--model minilm`). Each config has a fixed
-`runtime_dir`, so the worker's own Unix socket (<tmp>/run/worker-1.sock) can be reached directly:
+`runtime_dir`, so the worker's own Unix socket (<tmp>/run/default-0-1.sock) can be reached directly:
 both paths hit the SAME worker process. Sequential requests (one at a time), alternating between
 the paths request by request (so drift and other load on the machine fall on both alike), each
 workload for --duration seconds per path (tokens/s and embeddings/s count request time only):
@@ -58,7 +58,7 @@ class Supervised:
         self.dir = tmp / name
         self.dir.mkdir(parents=True)
         self.port = free_port()
-        self.socket = self.dir / "run" / "worker-1.sock"
+        self.socket = self.dir / "run" / "default-0-1.sock"  # <worker>-<replica>-<generation>.sock
         self.log = self.dir / "supervisor.log"
         command = ["{python}", "-m", "model_worker", "--socket", "{socket}", *worker_args,
                    "--threads", str(threads), "--device", device]

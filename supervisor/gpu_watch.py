@@ -207,9 +207,35 @@ def _tree(pid: int) -> tuple[frozenset[int], int | None]:
     return frozenset(pids), rss
 
 
+def _trees(roots: Mapping[Any, int]) -> dict[Any, tuple[frozenset[int], int | None]]:
+    """Each root's process tree (pids, summed RSS) from ONE walk of the process table, however many
+    roots (psutil's children() walks the whole table per call)."""
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        ppid = proc.info.get("ppid")
+        if ppid:
+            children.setdefault(ppid, []).append(proc.pid)
+    out: dict[Any, tuple[frozenset[int], int | None]] = {}
+    for key, root in roots.items():
+        pids: set[int] = set()
+        rss: int | None = None
+        stack = [root]
+        while stack:
+            p = stack.pop()
+            try:
+                mem = psutil.Process(p).memory_info().rss
+            except psutil.Error:  # gone (or a zombie) since the listing
+                continue
+            pids.add(p)
+            rss = (rss or 0) + mem
+            stack.extend(children.get(p, ()))
+        out[key] = (frozenset(pids), rss)
+    return out
+
+
 def _sample_host(pid: int | None, replica_pids: Mapping[Any, int] | None = None) -> _HostSample:
     vm = psutil.virtual_memory()
-    trees = {key: _tree(p) for key, p in (replica_pids or {}).items()}
+    trees = _trees(replica_pids) if replica_pids else {}
     if pid is not None:
         pids, rss = trees.get("__single__") or _tree(pid)
     elif trees:

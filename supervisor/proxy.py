@@ -592,10 +592,9 @@ class RequestPath:
             outcome.status = conn.status
             headers = self._response_headers(conn.headers, call, replica)
             first: list[bytes] = []
-            if not conn.complete and call.attempt < call.max_attempts and call.method != "HEAD" \
-                    and _sized(conn.headers, self.settings.limits.buffer_bytes):
-                # a retry-safe answer of a known size (not a stream): hold its head until it is all in,
-                # so a worker that dies mid-answer means a retry, not a cut body
+            if not conn.complete and call.method != "HEAD" and _sized(conn.headers, self.settings.limits.buffer_bytes):
+                # an answer of a known size (not a stream): hold its head until it is all in, so a worker
+                # that dies mid-answer means a retry (or a typed 502 worker_crashed), never a cut body
                 first, done = await _gather(conn, self.settings.limits.buffer_bytes)
                 if done:
                     inc.pool.put(conn)

@@ -247,3 +247,10 @@ async def test_a_sized_answer_cut_by_death_is_retried_whole(supervisor_factory, 
         body = await r.read()
         assert r.headers["X-Supervisor-Attempts"] == "2"
     assert marker.exists() and body == big_pattern(100000)
+
+
+async def test_a_sized_answer_cut_by_death_not_safe_to_repeat_is_a_typed_502(supervisor_factory, tmp_path):
+    sp = await supervisor_factory(fast_config(retry={"methods": []}))  # nothing is safe to repeat here
+    async with sp.session.get(f"/crash-mid-body?bytes=100000&marker={tmp_path / 'm'}") as r:
+        assert r.status == 502
+        assert (await r.json())["error"]["type"] == "worker_crashed"

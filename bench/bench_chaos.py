@@ -34,8 +34,6 @@ import collections
 import dataclasses
 import hashlib
 import json
-import os
-import platform
 import random
 import re
 import signal
@@ -50,6 +48,7 @@ sys.path.insert(0, str(REPO))
 import httptools  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.common import save_results  # noqa: E402
 from tests.harness import SupervisorProcess, ctl_command, fast_config, kill_quiet, wait_until  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -586,12 +585,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     args = parse_args()
     res = asyncio.run(main(args))
-    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                      "loadavg_after": os.getloadavg()}
-    res["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out = args.out or RESULTS / "chaos.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    out = save_results(res, RESULTS / "chaos.json", args.out)
     print(report(res))
     print(f"\nwrote {out}")
     sys.exit(0 if res["all_passed"] else 1)

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import signal
 import sys
 import tempfile
@@ -39,7 +37,7 @@ sys.path.insert(0, str(REPO))
 import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
-from bench.common import pct  # noqa: E402
+from bench.common import pct, save_results  # noqa: E402
 from tests.harness import SupervisorProcess, ctl_command, fast_config, kill_quiet, wait_until  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -382,10 +380,6 @@ if __name__ == "__main__":
     except ImportError:
         pass
     res = asyncio.run(main(args))
-    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-    res["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out = args.out or RESULTS / "fleet.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    out = save_results(res, RESULTS / "fleet.json", args.out)
     print(report(res, args))
     print(f"\nwrote {out}")

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shutil
 import signal
 import statistics
@@ -38,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
-from bench.common import pct  # noqa: E402
+from bench.common import pct, save_results  # noqa: E402
 from tests.harness import SupervisorProcess, fast_config, pid_alive, wait_until  # noqa: E402
 from tests.redis_server import REDIS_SERVER, RedisServer  # noqa: E402
 
@@ -352,11 +350,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     args = parse_args()
     res = asyncio.run(main(args))
-    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                      "loadavg": os.getloadavg()}
-    res["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out = args.out or RESULTS / "jobs.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    out = save_results(res, RESULTS / "jobs.json", args.out)
     print(report(res))
     print(f"\nwrote {out}")

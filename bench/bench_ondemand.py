@@ -25,9 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
-import os
-import platform
 import re
 import shutil
 import statistics
@@ -42,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
-from bench.common import pct  # noqa: E402
+from bench.common import pct, save_results  # noqa: E402
 from tests.harness import SupervisorProcess, ctl_command, fast_config, wait_until  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -348,11 +345,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     args = parse_args()
     res = asyncio.run(main(args))
-    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                      "loadavg": os.getloadavg()}
-    res["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out = args.out or RESULTS / "ondemand.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    out = save_results(res, RESULTS / "ondemand.json", args.out)
     print(report(res))
     print(f"\nwrote {out}")

@@ -20,9 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -33,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_chaos import Conn, Req, all_serving, daemon_usage, judge  # noqa: E402
-from bench.common import pct  # noqa: E402
+from bench.common import pct, save_results  # noqa: E402
 from tests.harness import SupervisorProcess, ctl_command, fast_config, wait_until  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -227,12 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     args = parse_args()
     res = asyncio.run(main(args))
-    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                      "loadavg_after": os.getloadavg()}
-    res["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out = args.out or RESULTS / "soak.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    out = save_results(res, RESULTS / "soak.json", args.out)
     print(report(res))
     print(f"\nwrote {out}")
     sys.exit(0 if res["flat"] else 1)

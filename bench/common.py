@@ -111,3 +111,17 @@ def stop_all(procs: list[subprocess.Popen], tmp: Path | None = None) -> None:
             p.kill()
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_results(res: dict, default: Path, out: Path | None = None) -> Path:
+    """Stamp the run with the machine and the time, and write it as JSON (to `out`, else `default`)."""
+    import json
+    import platform
+
+    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                      "loadavg_after": os.getloadavg()}
+    res["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path = out or default
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    return path

@@ -447,6 +447,7 @@ def _watch(args: argparse.Namespace, target: Target, token: str | None) -> int:
                 n += 1
                 if args.count and n >= args.count:
                     break
+                # (a synchronous command-line loop, not the daemon: a plain wait between refreshes)
                 time.sleep(max(0.0, args.interval - (time.monotonic() - t0)))
     except KeyboardInterrupt:
         pass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from .aio import wait_quietly
+from .aio import TaskSet, cancel_and_wait, wait_quietly
 from .circuit_breaker import CircuitBreaker
 from .config import Settings, WorkerSpec
 from .errors import Rejected
@@ -149,7 +149,7 @@ class Fleet:
         self._on_idle = on_idle
         self.groups: dict[str, WorkerGroup] = {}
         self.exits: deque[dict] = deque(maxlen=RECENT_EXITS)
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet()
         self._started = False
         self.retiring: list[Replica] = []
         self._queue_gate: Callable[[int], bool] | None = None  # a route's gpu_memory_mb: may it start now?
@@ -249,21 +249,11 @@ class Fleet:
         await self.aclose()
 
     async def aclose(self) -> None:
-        tasks = [r.task for r in [*self.replicas(), *self.retiring] if r.task is not None] + list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks.clear()
+        await cancel_and_wait([r.task for r in [*self.replicas(), *self.retiring]])
+        await self._tasks.aclose()
 
     def stopped(self) -> bool:
         return all(r.manager.stopped.is_set() for r in self.replicas())
-
-    def _spawn_task(self, coro) -> None:
-        t = asyncio.create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
 
     # -- callbacks -----------------------------------------------------------------------------
     def _down(self, g: WorkerGroup) -> None:
@@ -274,7 +264,7 @@ class Fleet:
             r.breaker.release_forced("worker ready")
             g = self.groups.get(r.worker)
             if g is not None and not g.spec.models and not g.discovered:
-                self._spawn_task(self._discover(g, r))
+                self._tasks.spawn(self._discover(g, r))
         elif new is WorkerState.FAILED:
             r.breaker.force_open("worker crash loop")
         self._on_state(r, old, new, reason)
@@ -375,7 +365,7 @@ class Fleet:
                      or r.manager.state is WorkerState.FAILED]
             changed = bool(stale)
             if changed and stale:
-                self._spawn_task(self._roll(g, stale, spec))
+                self._tasks.spawn(self._roll(g, stale, spec))
             for r in g.replicas:
                 if r not in stale:
                     r.manager.reconfigure(spec, settings.drain.timeout_s)  # no restart: fleet-level keys only
@@ -413,6 +403,6 @@ class Fleet:
             log.info("replica_retired", worker=r.worker, replica=r.index)
 
         if r.task is not None:
-            self._spawn_task(reap())
+            self._tasks.spawn(reap())
         else:
             self.retiring.remove(r)

@@ -8,14 +8,13 @@ carries out evictions, waits for their memory to come back, and unloads replicas
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import TYPE_CHECKING
 
 import structlog
 
 from . import gpu_ledger as gl
-from .aio import wait_quietly
+from .aio import cancel_and_wait, wait_quietly
 from .states import ExitReason, WorkerState
 
 if TYPE_CHECKING:
@@ -245,10 +244,7 @@ class GpuRoom:
         self._task = asyncio.create_task(self._idle_loop(), name="gpu-room-idle")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
 
     async def _idle_loop(self) -> None:
         while True:

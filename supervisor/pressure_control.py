@@ -7,12 +7,12 @@ pure, in pressure.py); it also hands each replica its own RSS and GPU memory fig
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import TYPE_CHECKING
 
 import structlog
 
+from .aio import TaskSet, cancel_and_wait
 from .gpu_watch import GpuWatcher, Nvml, Reading
 from .pressure import Level, fallback_due, leak_due
 from .states import ExitReason
@@ -36,7 +36,7 @@ class PressureControl:
         self._nvml_factory = nvml_factory
         self._streak = 0  # pressure restarts in a row with no relief in between
         self._last_restart = -1e9
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet()
         self._watch_task: asyncio.Task | None = None
         self.watcher = self._make_watcher()
 
@@ -71,30 +71,19 @@ class PressureControl:
         self._watch_task = asyncio.create_task(self.watcher.run(), name="gpu-watch")
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._watch_task, *self._tasks) if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks.clear()
+        await cancel_and_wait([self._watch_task])
+        await self._tasks.aclose()
 
     def reconfigure(self, old_settings) -> None:
         s = self.sup.settings
         if (old_settings.gpu, old_settings.host, old_settings.queue.priorities) != (s.gpu, s.host, s.queue.priorities):
             running = self._watch_task is not None
             if running:
-                self._watch_task.cancel()
-                self._spawn(_await_quietly(self._watch_task))
+                self._tasks.spawn(cancel_and_wait([self._watch_task]))
             self.watcher = self._make_watcher()
             if running:
                 self.start()
         self.watcher.set_worker_env(self._watch_env())
-
-    def _spawn(self, coro) -> None:
-        t = asyncio.create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
 
     def retry_after(self) -> float:
         return max(1.0, self.sup.settings.gpu.poll_interval_s * 2)
@@ -130,7 +119,7 @@ class PressureControl:
             sup.metrics.pressure_actions.labels("cleanup").inc()
             for rep in sup.fleet.replicas():
                 if rep.manager.serving:
-                    self._spawn(self._call_cleanup(rep))
+                    self._tasks.spawn(self._call_cleanup(rep))
         if level < 3:
             self._streak = 0
         serving = [rep for rep in sup.fleet.replicas() if rep.manager.serving]
@@ -191,8 +180,3 @@ class PressureControl:
             self.watcher.set_worker_env(self._watch_env())
             self.sup.metrics.pressure_actions.labels("cpu_fallback").inc()
             m.log.warning("fallback_engaged", mode="cpu-fallback", oom_restarts=m.oom_restarts, env=fb.env)
-
-
-async def _await_quietly(t: asyncio.Task) -> None:
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await t

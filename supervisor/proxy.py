@@ -121,6 +121,7 @@ class RequestPath:
         self._level_timeouts = [s.queue.level_timeout(n) for n in self._level_names]
         self._allowed_levels = ", ".join(self._level_names)
         self._by_model = s.routes_by_model
+        self._model_routes = any(r.model is not None for r in s.routes)
         self._fairness = s.queue.fairness if s.queue.fairness.key is not None else None
 
     def new_request_id(self) -> str:
@@ -208,7 +209,7 @@ class RequestPath:
         # is small enough to buffer (model routing reads bodies up to retry.max_body_bytes)
         route = s.route_for(call.method, call.path) if s.routes else None
         if (self._by_model and request.body_exists and cl is not None and cl <= s.retry.max_body_bytes
-                and (route is None or route.worker is None or _has_model_routes(s))
+                and (route is None or route.worker is None or self._model_routes)
                 and "json" in request.headers.get("Content-Type", "json")):
             self._precheck(call)  # refuse what is sure to be refused before taking the body
             await self._send_continue(request, call)
@@ -912,7 +913,3 @@ def _body_model(body: bytes) -> str | None:
     if not isinstance(m, str):
         raise Rejected("bad_request", f"model: must be a string naming a served model, not {type(m).__name__}")
     return m
-
-
-def _has_model_routes(s) -> bool:
-    return any(r.model is not None for r in s.routes)

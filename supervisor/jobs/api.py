@@ -128,9 +128,13 @@ class JobsApi:
                               "/jobs/{id}, GET /jobs/{id}/result", _request_id(request))
 
     async def get_job(self, request: web.Request) -> web.Response:
+        return await self._job_answer(request, self.manager.get)
+
+    async def _job_answer(self, request: web.BaseRequest, op) -> web.Response:
+        """`op(id)` (get, cancel) answered as the job's JSON, 404 unknown, 503 store down."""
         rid = _request_id(request)
         try:
-            job = await self.manager.get(_job_id(request))
+            job = await op(_job_id(request))
         except StoreUnavailable as exc:
             return error_response("jobs_unavailable", f"the job store is unavailable: {exc}", rid, 5)
         if job is None:
@@ -168,14 +172,7 @@ class JobsApi:
         return _json(body, code, {"X-Request-ID": rid})
 
     async def delete_job(self, request: web.Request) -> web.Response:
-        rid = _request_id(request)
-        try:
-            job = await self.manager.cancel(_job_id(request))
-        except StoreUnavailable as exc:
-            return error_response("jobs_unavailable", f"the job store is unavailable: {exc}", rid, 5)
-        if job is None:
-            return error_response("not_found", f"no job {_job_id(request)!r}", rid)
-        return _json(job.to_json(self.manager.now()))
+        return await self._job_answer(request, self.manager.cancel)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         rid = _request_id(request)

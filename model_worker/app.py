@@ -184,6 +184,7 @@ async def healthz(request: web.Request) -> web.Response:
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "context_length": loaded.context_length,
+        "system_fingerprint": loaded.fingerprint,
         "uptime_s": round(time.monotonic() - stats.started_monotonic, 3),
         **stats.counters(),
     })
@@ -305,7 +306,8 @@ async def _collect(request: web.Request, run: _GenerationRun, req: GenerationReq
     build = chat_body if chat else completion_body
     rid = new_id("chatcmpl" if chat else "cmpl")
     return web.json_response(build(rid, int(time.time()), req.model, "".join(parts), event.finish_reason,
-                                   event.prompt_tokens, event.completion_tokens))
+                                   event.prompt_tokens, event.completion_tokens,
+                                   request.app[ENGINE].loaded.fingerprint))
 
 
 async def _stream(request: web.Request, run: _GenerationRun, req: GenerationRequest, chat: bool) -> web.StreamResponse:
@@ -314,7 +316,7 @@ async def _stream(request: web.Request, run: _GenerationRun, req: GenerationRequ
     event = await run.next()
     if isinstance(event, Failed):
         raise _failure(request.app, event.error)
-    writer = ChunkWriter(chat, req.model, req.include_usage)
+    writer = ChunkWriter(chat, req.model, req.include_usage, request.app[ENGINE].loaded.fingerprint)
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
     })

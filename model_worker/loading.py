@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ log = structlog.get_logger("model_worker.loading")
 
 # Architecture name endings that mean "next-token generation".
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# Model files up to this size go into the fingerprint by content (config, tokenizer); larger ones by size.
+_FINGERPRINT_READ_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,7 @@ class LoadedModel:
     hidden_size: int
     parameters: int
     load_seconds: float
+    fingerprint: str                 # the answers' `system_fingerprint`: model files and settings (fingerprint())
 
 
 def infer_task(config: Any) -> str:
@@ -104,9 +108,33 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def fingerprint(path: Path, task: str, device: torch.device, dtype: torch.dtype, versions: dict[str, str]) -> str:
+    """OpenAI's `system_fingerprint` (a string, e.g. `fp_44709d6fcb`): what decides the answers besides
+    the request, so a client sees when the backend changed. The model folder's files by name, size and,
+    for the small ones (config, tokenizer), content; the task, device type and dtype; library versions.
+    The same folder and settings give the same value after a restart."""
+    h = hashlib.sha256()
+
+    def part(value: str | bytes) -> None:
+        raw = value.encode() if isinstance(value, str) else value
+        h.update(len(raw).to_bytes(8, "big"))
+        h.update(raw)
+
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        part(f.relative_to(path).as_posix())
+        part(str(size))
+        if size <= _FINGERPRINT_READ_BYTES:
+            part(f.read_bytes())
+    for value in (task, device.type, str(dtype), *(f"{k}={v}" for k, v in sorted(versions.items()))):
+        part(value)
+    return "fp_" + h.hexdigest()[:10]
+
+
 def load_model(settings: WorkerSettings, path: Path) -> LoadedModel:
     """Load tokenizer and model once, from the local folder `path`; raise ModelLoadError with the reason."""
     started = time.monotonic()
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if settings.threads:
@@ -142,4 +170,6 @@ def load_model(settings: WorkerSettings, path: Path) -> LoadedModel:
         hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0),
         parameters=sum(p.numel() for p in model.parameters()),
         load_seconds=time.monotonic() - started,
+        fingerprint=fingerprint(path, task, device, dtype, {"torch": torch.__version__,
+                                                            "transformers": transformers.__version__}),
     )

@@ -43,18 +43,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_body(rid: str, created: int, model: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                    prompt_tokens: int, completion_tokens: int, fingerprint: str) -> dict[str, Any]:
     return {
-        "id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None,
+        "id": rid, "object": "text_completion", "created": created, "model": model,
+        "system_fingerprint": fingerprint,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def chat_body(rid: str, created: int, model: str, text: str, finish_reason: str,
-              prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+              prompt_tokens: int, completion_tokens: int, fingerprint: str) -> dict[str, Any]:
     return {
-        "id": rid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "system_fingerprint": fingerprint,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                      "logprobs": None, "finish_reason": finish_reason}],
         "usage": usage(prompt_tokens, completion_tokens),
@@ -64,8 +66,9 @@ def chat_body(rid: str, created: int, model: str, text: str, finish_reason: str,
 class ChunkWriter:
     """Builds the SSE chunks of one streamed completion or chat completion."""
 
-    def __init__(self, chat: bool, model: str, include_usage: bool) -> None:
+    def __init__(self, chat: bool, model: str, include_usage: bool, fingerprint: str) -> None:
         self.chat = chat
+        self.fingerprint = fingerprint
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self.model = model
@@ -77,7 +80,7 @@ class ChunkWriter:
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": None,
+            "system_fingerprint": self.fingerprint,
             "choices": [choice] if choice is not None else [],
         }
         if self.include_usage:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from .config import LoadedConfig, Settings
 from .errors import Rejected
-from .fleet import Fleet, Replica, WorkerGroup
+from .fleet import Fleet, ReloadSummary, Replica, WorkerGroup
 from .gpu_room import GpuRoom
 from .gpu_watch import Nvml, Reading
 from .jobs.manager import JobManager
@@ -66,7 +66,8 @@ class Supervisor:
                            on_exit=self._replica_exited, on_breaker=self._breaker_changed,
                            gate_factory=lambda r: (lambda: self.room.admit(r)),
                            on_protocol_error=lambda kind: self.metrics.worker_protocol_errors.labels(kind).inc(),
-                           on_spawn=self.pids_changed.set, on_idle=self._replica_idle, gpus_seen=gpus_seen)
+                           on_spawn=self.pids_changed.set, on_idle=self._replica_idle,
+                           on_models=lambda: self.path.models_changed(), gpus_seen=gpus_seen)
         self.pressure = PressureControl(self, nvml_factory)
         self.fleet.queue_gate = self._gpu_fits
         self.path = RequestPath(self)
@@ -107,7 +108,7 @@ class Supervisor:
         await self.pressure.aclose()
         await self.fleet.aclose()
 
-    def apply(self, loaded: LoadedConfig) -> None:
+    def apply(self, loaded: LoadedConfig) -> ReloadSummary:
         """Take a new, valid configuration at once; changed workers are replaced one replica at a time."""
         self.loaded = loaded
         self.config_generation += 1
@@ -121,10 +122,11 @@ class Supervisor:
                 r.manager.env_override = {}
                 r.manager.oom_restarts = 0
                 r.manager.request_restart(ExitReason.RELOAD)
-        self.fleet.apply(self.settings)
+        done = self.fleet.apply(self.settings)
         self.path.derive()
         self.pressure.reconfigure(old)
         self.room.changed()
+        return done
 
     # -- callbacks from the fleet --------------------------------------------------------------
     def _breaker_changed(self, r: Replica, old: BreakerState, new: BreakerState, reason: str) -> None:
@@ -185,6 +187,14 @@ class Supervisor:
             need = max(self.room.need_bytes(r) for r in g.replicas) >> 20
             raise Rejected("worker_unavailable", f"worker {g.name} needs {need} MiB of GPU memory, more than its "
                            "GPU can give even with every other unpinned worker stopped", 60.0)
+
+    def waiting_for_room(self, g: WorkerGroup) -> str | None:
+        """Why none of `g`'s replicas has started when the GPU ledger holds them back, else None."""
+        for r in g.replicas:
+            why = self.room.waiting(r)
+            if why is not None:
+                return why
+        return None
 
     def unavailable_retry_after(self, g: WorkerGroup) -> float:
         waits = [self.room.retry_after.get((r.worker, r.index)) for r in g.replicas]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from collections.abc import Callable
 
 from . import __version__, logs, status_cli
 from . import config as cfg
+
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a command that SIGPIPE ended
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,25 +30,45 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _schema(args: argparse.Namespace) -> int:
+    from .schema import render
+    print(render(), end="")
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        loaded = cfg.load(args.file, check_programs=True)
+    except cfg.ConfigError as exc:
+        print(f"{exc.source}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        for prob in exc.problems:
+            print(f"  {prob}", file=sys.stderr)
+        return 1
+    print(f"# {loaded.source}: valid (sha256 {loaded.digest})")
+    print(cfg.dump(loaded.settings), end="")
+    return 0
+
+
+def _printing(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command that prints; a reader that went away (`| head`) ends it quietly, as SIGPIPE ends a
+    C program. Python's advice: point the closed stream at /dev/null so that the flush at exit cannot
+    fail again (and print a traceback)."""
+    try:
+        code = command(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())
+        return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.cmd == "status":
-        return status_cli.main(args)
-    if args.cmd == "schema":
-        from .schema import render
-        print(render(), end="")
-        return 0
-    if args.cmd == "check-config":
-        try:
-            loaded = cfg.load(args.file)
-        except cfg.ConfigError as exc:
-            print(f"{exc.source}: {len(exc.problems)} problem(s):", file=sys.stderr)
-            for prob in exc.problems:
-                print(f"  {prob}", file=sys.stderr)
-            return 1
-        print(f"# {loaded.source}: valid (sha256 {loaded.digest})")
-        print(cfg.dump(loaded.settings), end="")
-        return 0
+    args = _parser().parse_args(argv)  # (argparse itself ignores a closed stdout for --help)
+    printing = {"status": status_cli.main, "schema": _schema, "check-config": _check_config}
+    if args.cmd in printing:
+        return _printing(printing[args.cmd], args)
 
     path = args.config or os.environ.get("GPU_SUPERVISOR_CONFIG")
     if not path:

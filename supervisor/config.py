@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
 import re
+import shutil
+import sys
+import types
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,6 +42,45 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PA
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @classmethod
+    def _problems(cls, data: dict) -> list[str]:
+        """Problems between this section's keys ('key: message' each), read from its plain mapping.
+
+        Each check skips a key it cannot read (a key of the wrong type is its field's own problem), so
+        `parse` can run them on the raw YAML of a section whose fields failed: one check-config run
+        reports every problem, where pydantic would skip a model's checks after a field error.
+        """
+        return []
+
+    @model_validator(mode="after")
+    def _cross_keys(self) -> Any:
+        if type(self)._problems.__func__ is not _Model._problems.__func__:
+            _refuse(type(self)._problems(self.model_dump()))
+        return self
+
+
+def _refuse(problems: list[str]) -> None:
+    """Raise every problem a validator found at once, one per line (`parse` splits them again)."""
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def _num(data: dict, model: type[BaseModel], key: str) -> float | None:
+    """A number key of a raw section: its value, its default when absent, None when not a number."""
+    v = data.get(key, model.model_fields[key].default)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _strs(v: Any) -> list[str] | None:
+    """A raw list of strings, else None (a wrong type is that key's own problem)."""
+    if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+        return list(v)
+    return None
+
+
+def _mapping(v: Any) -> dict:
+    return v if isinstance(v, dict) else {}
 
 
 class Listen(_Model):
@@ -67,11 +111,10 @@ class Restart(_Model):
     window_s: PosFloat = 300.0
     """The crash-loop window: a failed worker is held until it passes or a reload."""
 
-    @model_validator(mode="after")
-    def _order(self) -> Restart:
-        if self.backoff_max_s < self.backoff_initial_s:
-            raise ValueError("backoff_max_s must be >= backoff_initial_s")
-        return self
+    @classmethod
+    def _problems(cls, data: dict) -> list[str]:
+        lo, hi = _num(data, cls, "backoff_initial_s"), _num(data, cls, "backoff_max_s")
+        return ["backoff_max_s must be >= backoff_initial_s"] if lo is not None and hi is not None and hi < lo else []
 
 
 class Recycle(_Model):
@@ -166,19 +209,20 @@ class WorkerSpec(Worker):
     max_starvation_s: PosFloat = 30.0
     """How long a replica may wait for room on its GPU before busy replicas there are drained for it."""
 
-    @model_validator(mode="after")
-    def _placement(self) -> WorkerSpec:
-        if self.gpus is not None and self.replicas is not None:
-            raise ValueError("replicas: cannot be set together with gpus (gpus gives one replica per GPU)")
-        if isinstance(self.gpus, tuple):
-            if not self.gpus:
-                raise ValueError("gpus: list at least one GPU index, or use `auto`")
-            if len(set(self.gpus)) != len(self.gpus):
-                raise ValueError("gpus: each GPU may be listed once (one replica per GPU)")
-        for m in self.models:
-            if not m:
-                raise ValueError("models: a model name cannot be empty")
-        return self
+    @classmethod
+    def _problems(cls, data: dict) -> list[str]:
+        problems = []
+        gpus = data.get("gpus")
+        if gpus is not None and data.get("replicas") is not None:
+            problems.append("replicas: cannot be set together with gpus (gpus gives one replica per GPU)")
+        if isinstance(gpus, (list, tuple)):
+            if not gpus:
+                problems.append("gpus: list at least one GPU index, or use `auto`")
+            if all(isinstance(g, int) for g in gpus) and len(set(gpus)) != len(gpus):
+                problems.append("gpus: each GPU may be listed once (one replica per GPU)")
+        if any(not m for m in _strs(data.get("models")) or ()):
+            problems.append("models: a model name cannot be empty")
+        return problems
 
     def lifecycle(self) -> WorkerSpec:
         """The keys a running process depends on: a change here restarts replicas; the rest (placement,
@@ -232,11 +276,11 @@ class Fairness(_Model):
             raise ValueError(f"{v!r}: must be 'ip' or 'header:<Name>' with a valid header name")
         return v
 
-    @model_validator(mode="after")
-    def _needs_key(self) -> Fairness:
-        if self.key is None and (self.weights or self.max_queued_per_key):
-            raise ValueError("weights and max_queued_per_key need a key ('header:<Name>' or 'ip')")
-        return self
+    @classmethod
+    def _problems(cls, data: dict) -> list[str]:
+        if data.get("key") is None and (data.get("weights") or data.get("max_queued_per_key")):
+            return ["weights and max_queued_per_key need a key ('header:<Name>' or 'ip')"]
+        return []
 
 
 class Queue(_Model):
@@ -261,23 +305,27 @@ class Queue(_Model):
     fairness: Fairness = Fairness()
     """Fair sharing between clients within a priority level."""
 
-    @model_validator(mode="after")
-    def _names(self) -> Queue:
-        if not self.priorities:
-            raise ValueError("priorities: at least one level is needed")
-        if len(set(self.priorities)) != len(self.priorities):
-            raise ValueError("priorities: names must be unique")
-        for name in self.priorities:
-            if not name or name.isdigit():
-                raise ValueError(f"priorities: {name!r} is not a valid level name (digits mean an index)")
-        if self.default_priority not in self.priorities:
-            raise ValueError(f"default_priority: {self.default_priority!r} is not one of {list(self.priorities)}")
-        for name in self.levels:
-            if name not in self.priorities:
-                raise ValueError(f"levels.{name}: not one of priorities {list(self.priorities)}")
-        if "default" in self.pools:
-            raise ValueError("pools.default: the default pool is sized by queue.concurrency")
-        return self
+    @classmethod
+    def _problems(cls, data: dict) -> list[str]:
+        problems = []
+        prios = _strs(data.get("priorities", cls.model_fields["priorities"].default))
+        if prios is not None:
+            if not prios:
+                problems.append("priorities: at least one level is needed")
+            if len(set(prios)) != len(prios):
+                problems.append("priorities: names must be unique")
+            for name in prios:
+                if not name or name.isdigit():
+                    problems.append(f"priorities: {name!r} is not a valid level name (digits mean an index)")
+            default = data.get("default_priority", cls.model_fields["default_priority"].default)
+            if prios and isinstance(default, str) and default not in prios:
+                problems.append(f"default_priority: {default!r} is not one of {prios}")
+            for name in _mapping(data.get("levels")):
+                if isinstance(name, str) and name not in prios:
+                    problems.append(f"levels.{name}: not one of priorities {prios}")
+        if "default" in _mapping(data.get("pools")):
+            problems.append("pools.default: the default pool is sized by queue.concurrency")
+        return problems
 
     def level_timeout(self, level: str) -> float:
         lv = self.levels.get(level)
@@ -361,13 +409,16 @@ class Breaker(_Model):
     half_open_probes: PosInt = 1
     """Then let this many through: success closes, failure re-opens."""
 
-    @model_validator(mode="after")
-    def _order(self) -> Breaker:
-        if self.open_max_s < self.open_s:
-            raise ValueError("open_max_s must be >= open_s")
-        if self.min_calls > self.window:
-            raise ValueError("min_calls must be <= window")
-        return self
+    @classmethod
+    def _problems(cls, data: dict) -> list[str]:
+        problems = []
+        open_s, open_max_s = _num(data, cls, "open_s"), _num(data, cls, "open_max_s")
+        if open_s is not None and open_max_s is not None and open_max_s < open_s:
+            problems.append("open_max_s must be >= open_s")
+        window, min_calls = _num(data, cls, "window"), _num(data, cls, "min_calls")
+        if window is not None and min_calls is not None and min_calls > window:
+            problems.append("min_calls must be <= window")
+        return problems
 
 
 class Thresholds(_Model):
@@ -378,11 +429,12 @@ class Thresholds(_Model):
     critical: Ratio = 0.97
     """used/total at which pressure is critical."""
 
-    @model_validator(mode="after")
-    def _order(self) -> Thresholds:
-        if not self.soft < self.hard < self.critical:
-            raise ValueError("thresholds must rise: soft < hard < critical")
-        return self
+    @classmethod
+    def _problems(cls, data: dict) -> list[str]:
+        soft, hard, critical = (_num(data, cls, k) for k in ("soft", "hard", "critical"))
+        if soft is not None and hard is not None and critical is not None and not soft < hard < critical:
+            return ["thresholds must rise: soft < hard < critical"]
+        return []
 
 
 class SoftAction(_Model):
@@ -527,21 +579,7 @@ class Settings(_Model):
     @model_validator(mode="before")
     @classmethod
     def _inherit(cls, data: Any) -> Any:
-        """`worker_defaults` keys flow into every worker (a worker's own keys win)."""
-        if not isinstance(data, dict):
-            return data
-        out = dict(data)
-        if "worker" not in out and not out.get("workers"):
-            out["worker"] = {}  # the single-worker form, with every default
-        defaults = data.get("worker_defaults")
-        if not isinstance(defaults, dict) or not defaults:
-            return out
-        if isinstance(data.get("workers"), dict):
-            out["workers"] = {name: _deep_merge(defaults, spec) if isinstance(spec, dict) else spec
-                              for name, spec in data["workers"].items()}
-        if isinstance(data.get("worker"), dict):
-            out["worker"] = _deep_merge(defaults, data["worker"])
-        return out
+        return _with_defaults(data)
 
     @property
     def fleet(self) -> dict[str, WorkerSpec]:
@@ -554,43 +592,9 @@ class Settings(_Model):
     def first_worker(self) -> WorkerSpec:
         return next(iter(self.fleet.values()))
 
-    @model_validator(mode="after")
-    def _cross(self) -> Settings:
-        prios = self.queue.priorities
-        pools = self.queue.pool_sizes()
-        if self.worker is not None and self.workers:
-            raise ValueError("worker: use either `worker` (one worker) or `workers` (a fleet), not both")
-        owner: dict[str, str] = {}
-        for name, spec in self.workers.items():
-            if not WORKER_NAME_RE.match(name):
-                raise ValueError(f"workers.{name}: a worker name is 1-32 letters, digits, '_', '.', '-' "
-                                 "(it names sockets, log fields and metric labels)")
-            for m in spec.models:
-                if m in owner:
-                    raise ValueError(f"workers.{name}.models: model {m!r} is already served by worker "
-                                     f"{owner[m]!r}; a model name belongs to one worker")
-                owner[m] = name
-        fleet = self.fleet
-        from .gpu_ledger import WorkerNeed, check_static_fit  # pure, no cycle: it imports nothing of ours
-        needs = [WorkerNeed(f"workers.{n}" if self.workers else "worker", w.gpu_memory_mb,
-                            tuple(g for g in w.placements() if g is not None), w.pinned) for n, w in fleet.items()]
-        problems = check_static_fit(needs, self.gpu.budget_mb, self.gpu.reserve_mb)
-        if problems:
-            raise ValueError(problems[0])
-        for i, r in enumerate(self.routes):
-            if r.worker is not None and r.worker not in fleet:
-                raise ValueError(f"routes.{i}.worker: {r.worker!r} is not one of the workers {list(fleet)}")
-            if r.priority is not None and r.priority not in prios:
-                raise ValueError(f"routes.{i}.priority: {r.priority!r} is not one of {list(prios)}")
-            if r.pool not in pools:
-                raise ValueError(f"routes.{i}.pool: {r.pool!r} is not one of {sorted(pools)}")
-        for lvl in ("soft", "hard", "critical"):
-            shed = getattr(self.gpu.actions, lvl).shed_below
-            if shed is not None and shed not in prios:
-                raise ValueError(f"gpu.actions.{lvl}.shed_below: {shed!r} is not one of {list(prios)}")
-        if self.admin.listen is not None and self.admin.listen == self.listen and self.listen.port != 0:
-            raise ValueError("admin.listen: must differ from listen")
-        return self
+    @classmethod
+    def _problems(cls, data: dict) -> list[str]:
+        return _cross_problems(data)
 
     def route_for(self, method: str, path: str, model: str | None = None) -> Route | None:
         """The first route whose path prefix, methods and (if it names one) model match."""
@@ -600,10 +604,98 @@ class Settings(_Model):
                 return r
         return None
 
-    @property
-    def routes_by_model(self) -> bool:
-        """Whether routing needs the JSON body's `model` (a route names one, or a worker serves models)."""
-        return any(r.model is not None for r in self.routes) or any(w.models for w in self.fleet.values())
+
+def _with_defaults(data: Any) -> Any:
+    """`worker_defaults` keys flow into every worker (a worker's own keys win); a file with no worker at
+    all is the single-worker form with every default."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    if "worker" not in out and not out.get("workers"):
+        out["worker"] = {}
+    defaults = data.get("worker_defaults")
+    if not isinstance(defaults, dict) or not defaults:
+        return out
+    if isinstance(data.get("workers"), dict):
+        out["workers"] = {name: _deep_merge(defaults, spec) if isinstance(spec, dict) else spec
+                          for name, spec in data["workers"].items()}
+    if isinstance(data.get("worker"), dict):
+        out["worker"] = _deep_merge(defaults, data["worker"])
+    return out
+
+
+def _validated(model: type[_Model], raw: Any) -> Any:
+    """`raw` as a valid `model`, or None where it is not one (its problems are reported by its keys)."""
+    try:
+        return model.model_validate({} if raw is None else raw)
+    except ValidationError:
+        return None
+
+
+def _cross_problems(data: dict) -> list[str]:
+    """Problems between sections ('key.path: message' each): a route's worker, priority and pool, who
+    serves which model, what fits on a GPU, which on-demand worker a request can reach. Reads the raw
+    mapping (with `worker_defaults` flowed in), so each check runs whatever else is wrong."""
+    problems: list[str] = []
+    queue = _mapping(data.get("queue"))
+    prios = _strs(queue.get("priorities", Queue.model_fields["priorities"].default))
+    pools = queue.get("pools", {})
+    pool_names = sorted({"default", *pools}) if isinstance(pools, dict) else None
+    workers = data.get("workers")
+    many = isinstance(workers, dict) and bool(workers)
+    if data.get("worker") is not None and many:
+        problems.append("worker: use either `worker` (one worker) or `workers` (a fleet), not both")
+    fleet: dict[Any, Any] = dict(workers) if many else {"default": data.get("worker")}
+    owner: dict[str, Any] = {}
+    for name, spec in fleet.items():
+        if many and isinstance(name, str) and not WORKER_NAME_RE.match(name):
+            problems.append(f"workers.{name}: a worker name is 1-32 letters, digits, '_', '.', '-' "
+                            "(it names sockets, log fields and metric labels)")
+        for m in _strs(_mapping(spec).get("models")) or ():
+            if m in owner:
+                problems.append(f"workers.{name}.models: model {m!r} is already served by worker "
+                                f"{owner[m]!r}; a model name belongs to one worker")
+            owner[m] = name
+    routes = data.get("routes")
+    routed: set[str] = set()
+    for i, r in enumerate(routes if isinstance(routes, (list, tuple)) else ()):
+        r = _mapping(r)
+        worker, prio, pool = r.get("worker"), r.get("priority"), r.get("pool", "default")
+        if isinstance(worker, str):
+            routed.add(worker)
+            if worker not in fleet:
+                problems.append(f"routes.{i}.worker: {worker!r} is not one of the workers {list(fleet)}")
+        if isinstance(prio, str) and prios is not None and prio not in prios:
+            problems.append(f"routes.{i}.priority: {prio!r} is not one of {prios}")
+        if isinstance(pool, str) and pool_names is not None and pool not in pool_names:
+            problems.append(f"routes.{i}.pool: {pool!r} is not one of {pool_names}")
+    # Unrouted requests (and models no worker declares) go to the first worker, so it is always reachable;
+    # any other on-demand worker that declares no models is started only by a route naming it.
+    for name, spec in list(fleet.items())[1:]:
+        spec = _mapping(spec)
+        if spec.get("start") == "on_demand" and not spec.get("models") and name not in routed:
+            problems.append(f"workers.{name}.start: an on_demand worker needs `models:` (the names it serves) "
+                            f"or a route with `worker: {name}`, since it is started only by a request routed "
+                            "to it")
+    gpu = _validated(Gpu, data.get("gpu"))
+    if gpu is not None:
+        from .gpu_ledger import WorkerNeed, check_static_fit  # pure, no cycle: it imports nothing of ours
+        specs = {name: _validated(WorkerSpec, spec) for name, spec in fleet.items()}
+        needs = [WorkerNeed(f"workers.{n}" if many else "worker", w.gpu_memory_mb,
+                            tuple(g for g in w.placements() if g is not None), w.pinned)
+                 for n, w in specs.items() if w is not None]
+        problems += check_static_fit(needs, gpu.budget_mb, gpu.reserve_mb)
+    actions = _mapping(_mapping(data.get("gpu")).get("actions"))
+    for lvl, action in (("soft", SoftAction), ("hard", HardAction), ("critical", CriticalAction)):
+        shed = _mapping(actions.get(lvl)).get("shed_below", action.model_fields["shed_below"].default)
+        if isinstance(shed, str) and prios is not None and shed not in prios:
+            problems.append(f"gpu.actions.{lvl}.shed_below: {shed!r} is not one of {prios}")
+    admin_listen = _mapping(data.get("admin")).get("listen")
+    if admin_listen is not None:
+        ours, main = _validated(Listen, admin_listen), _validated(Listen, data.get("listen"))
+        if ours is not None and ours == main and main.port != 0:
+            problems.append("admin.listen: must differ from listen")
+    return problems
 
 
 class ConfigError(Exception):
@@ -622,32 +714,63 @@ class LoadedConfig:
     digest: str
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each mapping key path (and sequence index) in the YAML text to its 1-based line."""
-    lines: dict[tuple[str, ...], int] = {}
+# -- reading the YAML: where each key is written, and how ------------------------------------------------
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+Loc = tuple[str, ...]
+
+
+@dataclass
+class _Source:
+    """What the YAML text says beside its data: the line of each key path, the text of each scalar, and
+    the keys written twice in one mapping (YAML keeps the last one silently)."""
+
+    lines: dict[Loc, int]
+    scalars: dict[Loc, str]
+    duplicates: list[tuple[Loc, str]]
+
+
+def _read_source(text: str) -> _Source:
+    src = _Source({}, {}, [])
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        return lines
+        return src
 
-    def walk(node: Any, path: tuple[str, ...]) -> None:
+    def walk(node: yaml.Node, path: Loc, above: frozenset[int]) -> None:
+        if id(node) in above:
+            return  # an alias of an enclosing node
+        above = above | {id(node)}
         if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, Any], int] = {}
             for k, v in node.value:
+                if k.tag == _MERGE_TAG:
+                    continue
                 p = path + (str(k.value),)
-                lines[p] = k.start_mark.line + 1
-                walk(v, p)
+                line = k.start_mark.line + 1
+                if isinstance(k, yaml.ScalarNode):
+                    if (k.tag, k.value) in first:
+                        src.duplicates.append((p, f"duplicate key, also at line {first[k.tag, k.value]}: YAML "
+                                                  "keeps only the last one and drops the other's values; "
+                                                  "write the key once"))
+                    first.setdefault((k.tag, k.value), line)
+                src.lines[p] = line  # the last one is the one whose values count
+                if isinstance(v, yaml.ScalarNode):
+                    src.scalars[p] = v.value
+                walk(v, p, above)
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
                 p = path + (str(i),)
-                lines[p] = v.start_mark.line + 1
-                walk(v, p)
+                src.lines[p] = v.start_mark.line + 1
+                if isinstance(v, yaml.ScalarNode):
+                    src.scalars[p] = v.value
+                walk(v, p, above)
 
     if root is not None:
-        walk(root, ())
-    return lines
+        walk(root, (), frozenset())
+    return src
 
 
-def _line_for(lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> int | None:
+def _line_for(lines: dict[Loc, int], loc: Loc) -> int | None:
     while loc:
         if loc in lines:
             return lines[loc]
@@ -655,11 +778,297 @@ def _line_for(lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> int | 
     return None
 
 
-_KEY_PREFIX = re.compile(r"^([A-Za-z_][\w]*(?:\.[\w]+)*): ")
+# -- the declared type of every value -------------------------------------------------------------------
+def _unwrap(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
 
 
-def parse(text: str, source: str = "<config>") -> Settings:
-    """Parse and validate YAML text. Raises ConfigError listing every problem."""
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _nodes(tp: Any, value: Any, loc: tuple = ()) -> Iterator[tuple[Any, Any, tuple]]:
+    """Every value of the raw data with the type its key declares, through models, lists, mappings and
+    optional types: (type, value, key path)."""
+    tp = _unwrap(tp)
+    if _is_union(tp):
+        arms = [_unwrap(a) for a in get_args(tp)]
+        arm = next((a for a in arms if isinstance(value, dict) and (_is_model(a) or get_origin(a) is dict)
+                    or isinstance(value, list) and get_origin(a) in (tuple, list)), None)
+        if arm is None:
+            yield tp, value, loc
+            return
+        tp = arm
+    yield tp, value, loc
+    origin, args = get_origin(tp), get_args(tp)
+    if _is_model(tp) and isinstance(value, dict):
+        for k, v in value.items():
+            field = tp.model_fields.get(k) if isinstance(k, str) else None
+            if field is not None:
+                yield from _nodes(field.annotation, v, loc + (k,))
+    elif origin in (tuple, list) and isinstance(value, list) and args:
+        for i, v in enumerate(value):
+            yield from _nodes(args[0] if args[-1] is Ellipsis or origin is list else args[min(i, len(args) - 1)],
+                              v, loc + (i,))
+    elif origin is dict and isinstance(value, dict) and args:
+        for k, v in value.items():
+            yield from _nodes(args[1], v, loc + (k,))
+
+
+def _leaves(tp: Any) -> list[Any]:
+    tp = _unwrap(tp)
+    if _is_union(tp) or get_origin(tp) is Literal:
+        return [leaf for a in get_args(tp) for leaf in (_leaves(a) if not isinstance(a, (str, bool, int)) else [a])]
+    return [tp]
+
+
+def _admits_bool(tp: Any) -> bool:
+    return any(leaf is bool or leaf is Any or isinstance(leaf, bool) for leaf in _leaves(tp))
+
+
+def _kind(tp: Any) -> str:
+    leaves = _leaves(tp)
+    if leaves and all(isinstance(leaf, str) for leaf in leaves):
+        return "one of " + ", ".join(leaves)
+    if any(leaf in (int, float) for leaf in leaves):
+        return "a number"
+    if any(leaf is str or isinstance(leaf, str) for leaf in leaves):
+        return "a string"
+    if any(_is_model(leaf) or get_origin(leaf) is dict for leaf in leaves):
+        return "a mapping"
+    return "a list" if any(get_origin(leaf) in (tuple, list) for leaf in leaves) else "something else"
+
+
+def _bool_says(value: bool, token: str | None, kind: str) -> str:
+    token = token or str(value).lower()
+    quote = f' (quote it, "{token}", to mean the word)' if kind == "a string" else ""
+    return f"`{token}` is read by YAML as the boolean {str(value).lower()}: write {kind}{quote}"
+
+
+def _bools(data: dict, src: _Source) -> list[tuple[Loc, str]]:
+    """YAML 1.1 reads yes/no/on/off (and true/false) as booleans, and pydantic would take one as 1 or 0
+    where a number is due: a boolean is a problem wherever its key wants no boolean."""
+    out = []
+    for tp, value, loc in _nodes(Settings, data):
+        if isinstance(value, bool) and not _admits_bool(tp):
+            at = tuple(str(p) for p in loc)
+            out.append((at, _bool_says(value, src.scalars.get(at), _kind(tp))))
+    return out
+
+
+# -- pydantic's errors in the user's words -----------------------------------------------------------------
+_KEY_PREFIX = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+)*): ")
+# pydantic names the union branch it tried inside an error's location (`tuple[constrained-int, ...]`,
+# `literal['auto']`, `function-after[...]`, a model's class name); the user's key path has none of them
+_BRANCH = re.compile(r"[\[\]()]|^(?:str|int|float|bool|none|list|dict|tuple|set|constrained-[\w-]+|[A-Z]\w*)$")
+_SAYS = {
+    "int_type": "write a whole number", "int_parsing": "write a whole number",
+    "int_from_float": "write a whole number (no fraction)",
+    "float_type": "write a number", "float_parsing": "write a number",
+    "bool_type": "write true or false", "bool_parsing": "write true or false",
+    "string_type": "write a string (in quotes if it would read as a number)",
+    "tuple_type": "write a list, like [a, b]", "list_type": "write a list, like [a, b]",
+    "dict_type": "write a mapping, like {key: value}", "model_type": "write a mapping, like {key: value}",
+    "model_attributes_type": "write a mapping, like {key: value}", "none_required": "write null",
+}
+_KINDS = {"int_type": "a number", "int_parsing": "a number", "float_type": "a number", "float_parsing": "a number",
+          "string_type": "a string", "tuple_type": "a list", "list_type": "a list", "dict_type": "a mapping",
+          "model_type": "a mapping", "model_attributes_type": "a mapping"}
+_LIMITS = {"greater_than": "write a number greater than {gt}", "greater_than_equal": "write a number of at least {ge}",
+           "less_than": "write a number below {lt}", "less_than_equal": "write a number of at most {le}"}
+_TYPE_ERRORS = frozenset(_SAYS) | {"literal_error", "enum"}
+# what to write, by key name, when a value is of the wrong type
+_HINTS = {
+    "gpus": "write a list of GPU indexes like [0, 1], or auto",
+    "command": 'write the program and its arguments as a list, like [uvicorn, app:app, --uds, "{socket}"]',
+    "methods": "write a list of HTTP methods, like [GET, POST]",
+    "priorities": "write a list of level names, highest first, like [critical, high, normal, low]",
+    "models": "write a list of model names, like [llama-8b]",
+    "enabled": "write auto, true or false",
+    "routes": "write a list of routes, like [{path: /v1/embeddings, priority: high}]",
+    "listen": "write a mapping like {host: 127.0.0.1, port: 8080}",
+}
+
+
+def _user_loc(loc: tuple, data: Any) -> tuple[Loc, int | None]:
+    """pydantic's error location as the user's key path (union branch names dropped), and the length of
+    the path where a branch name was dropped (None: no union on the way)."""
+    out: list[str] = []
+    branch_at = None
+    cur = data
+    for part in loc:
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            cur = cur[part]
+        elif isinstance(part, str) and _BRANCH.search(part):
+            if part != "[key]" and branch_at is None:
+                branch_at = len(out)
+            continue
+        else:
+            cur = None
+        out.append(str(part))
+    return tuple(out), branch_at
+
+
+def _say(err: Any, loc: Loc, src: _Source) -> list[tuple[Loc, str]]:
+    """One pydantic error as (key path, what to write instead); a validator's message may hold several."""
+    kind, ctx, given = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        return [(loc, "unknown key")]
+    if kind == "missing":
+        return [(loc, "required: write this key")]
+    if kind in ("value_error", "assertion_error"):
+        out = []
+        for line in err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ").split("\n"):
+            m = _KEY_PREFIX.match(line)  # cross-key problems carry the rest of their key path
+            out.append((loc + tuple(m.group(1).split(".")), line[m.end():]) if m else (loc, line))
+        return out
+    if isinstance(given, bool) and kind in _KINDS:
+        return [(loc, _bool_says(given, src.scalars.get(loc), _KINDS[kind]))]
+    if kind in _SAYS:
+        msg = _SAYS[kind]
+    elif kind in _LIMITS:
+        msg = _LIMITS[kind].format(**ctx)
+    elif kind == "literal_error":
+        msg = "write " + str(ctx.get("expected", "")).replace("True", "true").replace("False", "false")
+    else:
+        msg = err["msg"]
+    if isinstance(given, (str, int, float)) or given is None:
+        text = src.scalars.get(loc)
+        shown = "null (nothing)" if given is None else repr(given) if isinstance(given, str) or not text else text
+        msg += f", not {shown if len(shown) <= 40 else shown[:37] + '...'}"
+    return [(loc, msg)]
+
+
+def _explain(exc: ValidationError, merged: dict, src: _Source) -> list[tuple[Loc, str, bool]]:
+    """Every error as (key path, message, from a section's own key); the branches of a union that all
+    failed become one message ("gpus: write a list of GPU indexes like [0, 1], or auto")."""
+    items = []
+    for err in exc.errors():
+        loc, branch_at = _user_loc(err["loc"], merged)
+        for at, msg in _say(err, loc, src):
+            items.append((at, branch_at, err["type"], msg, bool(err["loc"])))
+    # a branch that got further into the value says more (`gpus: [-1]` is about its item, not about `auto`)
+    deeper = {loc[:b] for loc, b, *_ in items if b is not None and len(loc) > b}
+    items = [it for it in items if not (it[1] is not None and len(it[0]) == it[1] and it[0] in deeper)]
+    by_loc: dict[Loc, list[tuple[str, str, bool]]] = {}
+    for loc, _, kind, msg, own in items:
+        by_loc.setdefault(loc, []).append((kind, msg, own))
+    out = []
+    for loc, said in by_loc.items():
+        msgs = list(dict.fromkeys(msg for _, msg, _ in said))
+        if {kind for kind, _, _ in said} <= _TYPE_ERRORS:  # a value of the wrong type: say what to write
+            hint = _HINTS.get(loc[-1]) if loc else None
+            msgs = [hint or " or ".join(msgs)]
+        own = all(o for _, _, o in said)
+        out.extend((loc, msg, own) for msg in msgs)
+    return out
+
+
+def _has(node: Any, path: Loc) -> bool:
+    for part in path:
+        if isinstance(node, dict):
+            key = next((k for k in node if str(k) == part), _MISSING)
+            if key is _MISSING:
+                return False
+            node = node[key]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+_MISSING = object()
+
+
+def _inherited(loc: Loc, data: dict) -> bool:
+    """A worker's problem with a key it took from `worker_defaults` (reported there, once)."""
+    if len(loc) > 2 and loc[0] == "workers":
+        own, rest = _mapping(data.get("workers")).get(loc[1]), loc[2:]
+    elif len(loc) > 1 and loc[0] == "worker":
+        own, rest = data.get("worker"), loc[1:]
+    else:
+        return False
+    return not _has(own, rest) and _has(data.get("worker_defaults"), rest)
+
+
+def _skipped_checks(exc: ValidationError, merged: dict) -> list[tuple[Loc, str]]:
+    """The cross-key checks of every section with a failed key (pydantic skips a model's checks then)."""
+    failed = [_user_loc(err["loc"], merged)[0] for err in exc.errors()]
+    out = []
+    for tp, value, loc in _nodes(Settings, merged):
+        at = tuple(str(p) for p in loc)
+        if (_is_model(tp) and issubclass(tp, _Model) and isinstance(value, dict)
+                and any(len(f) > len(at) and f[:len(at)] == at for f in failed)):
+            for problem in tp._problems(value):
+                m = _KEY_PREFIX.match(problem)
+                out.append((at + tuple(m.group(1).split(".")), problem[m.end():]) if m else (at, problem))
+    return out
+
+
+# -- the programs the workers run -------------------------------------------------------------------------
+def find_program(program: str, path: str | None, cwd: str | None) -> str:
+    """The file a worker's program runs from, as an absolute path.
+
+    A name with a '/' is a path (a relative one from the worker's `cwd`). A bare name is looked up on
+    `path` (the worker's PATH), then in the daemon's own environment's bin directory (the directory of
+    our interpreter): `uvicorn` or `gunicorn` installed beside the daemon are found even where PATH lacks
+    that directory, as under systemd. Raises FileNotFoundError or PermissionError naming the program and
+    where it looked (`strerror`: "not found on PATH (...) nor in ...").
+    """
+    if "/" in program:
+        full = os.path.abspath(os.path.join(cwd or os.getcwd(), program))
+        if not os.path.isfile(full):
+            raise FileNotFoundError(errno.ENOENT, "not found" + ("" if full == program else f" (looked for {full})"),
+                                    program)
+        if not os.access(full, os.X_OK):
+            raise PermissionError(errno.EACCES, f"is not executable ({full})", program)
+        return full
+    dirs = [d for d in (os.defpath if path is None else path).split(os.pathsep) if d]
+    own = os.path.dirname(sys.executable) if sys.executable else ""
+    found = shutil.which(program, path=os.pathsep.join(dirs + ([own] if own else [])))
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, f"not found on PATH ({os.pathsep.join(dirs)})"
+                                + (f" nor in {own} (the daemon's own environment)" if own else ""), program)
+    return os.path.abspath(found)
+
+
+def _program_problems(merged: dict, environ: Mapping[str, str]) -> list[tuple[Loc, str]]:
+    """Each worker's program and working directory, looked for as its start will (check-config)."""
+    workers = merged.get("workers")
+    fleet = ({("workers", str(n)): s for n, s in workers.items()} if isinstance(workers, dict) and workers
+             else {("worker",): merged.get("worker")})
+    out: list[tuple[Loc, str]] = []
+    for at, spec in fleet.items():
+        spec = _mapping(spec)
+        command = spec.get("command", DEFAULT_WORKER_COMMAND)
+        cwd = spec.get("cwd") if isinstance(spec.get("cwd"), str) else None
+        if cwd is not None and not os.path.isdir(cwd):
+            out.append((at + ("cwd",), f"no such directory: {cwd}"))
+            continue
+        if not (isinstance(command, (list, tuple)) and command and isinstance(command[0], str) and command[0]):
+            continue  # the command's own problem
+        env_path = _mapping(spec.get("env")).get("PATH")
+        try:
+            find_program(command[0].replace("{python}", sys.executable),
+                         env_path if isinstance(env_path, str) else environ.get("PATH"), cwd)
+        except OSError as exc:
+            out.append((at + ("command",), f"program {exc.filename!r} {exc.strerror}"))
+    return out
+
+
+def parse(text: str, source: str = "<config>", *, check_programs: bool = False) -> Settings:
+    """Parse and validate YAML text. Raises ConfigError listing every problem, each with its key path and
+    line: wrong values, keys written twice, booleans where a number or string is due, cross-key problems
+    of every section; with `check_programs` (check-config) also each worker's program that is not found."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -671,31 +1080,31 @@ def parse(text: str, source: str = "<config>") -> Settings:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, [f"the top level must be a mapping, not {type(data).__name__}"])
+    src = _read_source(text)
+    merged = _with_defaults(data)
+    bools = _bools(data, src)
+    found = list(src.duplicates) + bools
+    settings = None
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
-        lines = _key_lines(text)
-        problems = []
-        for err in exc.errors():
-            loc = tuple(str(p) for p in err["loc"])
-            msg = err["msg"]
-            if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            # Cross-field problems carry the rest of their key path at the start of the message.
-            m = _KEY_PREFIX.match(msg)
-            if m and err["type"] == "value_error":
-                loc = loc + tuple(m.group(1).split("."))
-                msg = msg[m.end():]
-            key = ".".join(loc) if loc else "(top level)"
-            line = _line_for(lines, loc)
+        said = {loc for loc, _ in bools}
+        found += [(loc, msg) for loc, msg, own in _explain(exc, merged, src)
+                  if loc not in said and not (own and _inherited(loc, data))]
+        found += _skipped_checks(exc, merged)
+    if check_programs:
+        found += _program_problems(merged, os.environ)
+    if found:
+        problems = []  # in the file's order
+        for loc, msg in found:
+            line = _line_for(src.lines, loc)
             at = f" (line {line})" if line else ""
-            problems.append(f"{key}{at}: {msg}")
-        raise ConfigError(source, problems) from None
+            problems.append((line or math.inf, f"{'.'.join(loc) or '(top level)'}{at}: {msg}"))
+        raise ConfigError(source, list(dict.fromkeys(p for _, p in sorted(problems, key=lambda p: p[0]))))
+    return settings
 
 
-def load(path: str | os.PathLike[str]) -> LoadedConfig:
+def load(path: str | os.PathLike[str], *, check_programs: bool = False) -> LoadedConfig:
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -705,7 +1114,7 @@ def load(path: str | os.PathLike[str]) -> LoadedConfig:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(str(p), ["file is not UTF-8 text"]) from None
-    settings = parse(text, str(p))
+    settings = parse(text, str(p), check_programs=check_programs)
     return LoadedConfig(settings=settings, source=str(p), digest=hashlib.sha256(raw).hexdigest()[:12])
 
 

@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import json
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -27,8 +28,9 @@ from . import config as cfg
 from . import leftovers, logs, ui
 from .app import Supervisor
 from .errors import error_response
+from .fairness import client_key
 from .gpu_watch import Nvml, count_devices
-from .jobs.api import JobsApi
+from .jobs.api import Caller, JobsApi
 from .jobs.settings import resolve_state_dir
 from .jobs.store import StoreCorrupt
 from .sd_notify import Notifier
@@ -56,8 +58,39 @@ class Environment:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+MAX_REQUEST_LINE = 1 << 16  # past this the parser's own line limit answers: no need to look further
+HTTP09_LINE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ ]+$")  # method SP target, and no version
+
+
 class _JsonErrorHandler(web_protocol.RequestHandler):
-    """aiohttp's protocol handler, but malformed HTTP gets our JSON error shape."""
+    """aiohttp's protocol handler, but malformed HTTP gets our JSON error shape, and an HTTP/0.9
+    request line (no version, so no headers will follow) is refused by closing at once."""
+
+    _first_line = b""  # the connection's first bytes, until its request line is whole
+    _line_checked = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self._line_checked:
+            head = self._first_line + data
+            end = head.find(b"\n")
+            if end < 0 and len(head) <= MAX_REQUEST_LINE:
+                self._first_line = head  # (the parser has it too: it is only looked at here)
+            else:
+                self._line_checked = True
+                self._first_line = b""
+                line = head[:end if end >= 0 else MAX_REQUEST_LINE].rstrip(b"\r")
+                if end >= 0 and HTTP09_LINE.match(line):
+                    # HTTP/0.9 has no status line to answer with: close now rather than wait for
+                    # headers that will never come (aiohttp would hold it until a timeout)
+                    log.info("http09_refused", peer=_peer(self.transport))
+                    counted = getattr(self._manager, "on_error", None)
+                    if counted is not None:
+                        counted(400, "bad_request")
+                    if self.transport is not None:
+                        self.transport.close()
+                    self._force_close = True
+                    return
+        super().data_received(data)
 
     def handle_error(self, request, status=500, exc=None, message=None):
         if request.writer.output_size > 0:
@@ -76,6 +109,11 @@ class _JsonErrorHandler(web_protocol.RequestHandler):
             counted(status, etype)  # refused by the HTTP layer: still a request, counted as one
         resp.force_close()
         return resp
+
+
+def _peer(transport) -> str | None:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
 class _Server(web.Server):
@@ -126,6 +164,15 @@ class Daemon:
             return True
         got = request.headers.get("Authorization", "")
         return got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), self._token)
+
+    def _jobs_caller(self, request: web.BaseRequest) -> Caller:
+        """Who asks /jobs: the admin token (when one is configured) and the client key, read as the
+        request path reads it for fairness (the current settings: a reload applies at once)."""
+        assert self.sup is not None
+        fairness = self.sup.settings.queue.fairness
+        return Caller(admin=self._token is not None and self._authorized(request),
+                      key=client_key(fairness, request.headers, request.remote),
+                      token_required=self._token is not None)
 
     async def admin(self, request: web.BaseRequest) -> web.StreamResponse:
         resp = self._admin(request)
@@ -200,9 +247,11 @@ class Daemon:
             log.error("jobs_store_unusable", error=str(exc),
                       hint="move the file aside (jobs are lost) or set jobs.store to another path")
             return 1
-        jobs_api = JobsApi(sup.jobs)
+        jobs_api = JobsApi(sup.jobs, self._jobs_caller)
         pids_path = leftovers.pid_file(resolve_state_dir(s.state_dir, state_env), self.loaded.source)
+        # what a killed predecessor on this config left is stopped (and gone) before our workers start
         await asyncio.to_thread(leftovers.reap, pids_path, os.getpid())
+        guard = leftovers.Guard(pids_path, s.logging.format, s.logging.level)
 
         async def main_handler(request: web.BaseRequest) -> web.StreamResponse:
             path = request.path
@@ -228,6 +277,7 @@ class Daemon:
         tasks: list[asyncio.Task] = []
         fleet_started = False
         try:
+            await guard.start()  # if we are killed, it stops our workers' trees at once
             for handler, listen in ((main_handler, s.listen),) + (((admin_handler, s.admin.listen),)
                                                                    if split_admin else ()):
                 server = _Server(handler, on_error=self._http_error, **kw)
@@ -279,6 +329,7 @@ class Daemon:
                 # (without a worker task, as after a listen failure, nobody would ever set `stopped`)
                 await self._stop_worker()
             await sup.aclose()
+            await guard.aclose()  # (after the workers: a clean exit leaves nothing for it to stop)
             for t in reversed(tasks):
                 t.cancel()
             for t in reversed(tasks):
@@ -445,11 +496,9 @@ class Daemon:
             self._load_token()
         except (OSError, ValueError) as exc:
             log.error("admin_token_unreadable", error=str(exc))
-        worker_changed = new.settings.fleet != old.fleet
-        sup.apply(new)
+        done = sup.apply(new)
         sup.metrics.config_reloads.labels("applied").inc()
-        log.info("config_reloaded", digest=new.digest, generation=sup.config_generation,
-                 worker_replaced=worker_changed)
+        log.info("config_reloaded", digest=new.digest, generation=sup.config_generation, **done.fields())
         self.notifier.send("READY=1", f"STATUS={self._status_line()}")
         return True
 

@@ -27,6 +27,10 @@ ERROR_TYPES: dict[str, tuple[int, bool]] = {
     "not_found": (404, False),
     "conflict": (422, False),
 }
+# OpenAI's own error fields, for the types an OpenAI client reads them from (param, code)
+OPENAI_FIELDS: dict[str, dict[str, str]] = {
+    "model_not_found": {"param": "model", "code": "model_not_found"},
+}
 
 
 class Rejected(Exception):
@@ -47,7 +51,7 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     status, with_retry = ERROR_TYPES[etype]
-    err: dict = {"type": etype, "message": message, "request_id": request_id}
+    err: dict = {"type": etype, "message": message, "request_id": request_id, **OPENAI_FIELDS.get(etype, {})}
     hdrs = {"Content-Type": "application/json"}
     if with_retry:
         secs = retry_after_seconds(retry_after_s if retry_after_s is not None else 1.0)

@@ -13,7 +13,9 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import structlog
 
@@ -24,12 +26,13 @@ from .errors import Rejected
 from .request_queue import RequestQueue
 from .states import BreakerState, WorkerState
 from .upstream import UpstreamError
-from .worker_process import ExitInfo, WorkerManager
+from .worker_process import ExitInfo, Incarnation, WorkerManager
 
 log = structlog.get_logger("supervisor.fleet")
 
 RECENT_EXITS = 50  # exits kept for /status and /ui
 DISCOVERY_TIMEOUT_S = 5.0
+MODELS_MAX_BYTES = 1 << 20  # a worker's model list larger than this is not read
 
 
 def pick_replica(candidates: list[Replica], rr: int) -> Replica | None:
@@ -39,6 +42,22 @@ def pick_replica(candidates: list[Replica], rr: int) -> Replica | None:
     least = min(r.manager.inflight for r in candidates)
     tied = [r for r in candidates if r.manager.inflight == least]
     return tied[rr % len(tied)]
+
+
+@dataclass
+class ReloadSummary:
+    """What a reload did to the fleet (replicas named worker/index), for the config_reloaded log line."""
+
+    workers_added: list[str] = field(default_factory=list)
+    workers_removed: list[str] = field(default_factory=list)
+    replicas_added: list[str] = field(default_factory=list)
+    replicas_retired: list[str] = field(default_factory=list)
+    replicas_replaced: list[str] = field(default_factory=list)  # a changed command/env: a new process each
+
+    def fields(self) -> dict:
+        """The log fields: worker_replaced only when a running replica gets a new process."""
+        return {"worker_replaced": bool(self.replicas_replaced),
+                **{k: v for k, v in asdict(self).items() if v}}
 
 
 class Replica:
@@ -65,6 +84,10 @@ class Replica:
         return str(self.index)
 
     @property
+    def name(self) -> str:
+        return f"{self.worker}/{self.index}"
+
+    @property
     def admits(self) -> bool:
         """Serving, and not being cleared out by the GPU ledger."""
         return self.manager.serving and not self.draining_for_room and not self.evict_mark
@@ -82,6 +105,9 @@ class WorkerGroup:
         self.replicas: list[Replica] = []
         self.queue = RequestQueue(settings.queue)
         self.discovered: tuple[str, ...] = ()
+        self.models_read = False  # its GET /v1/models was asked once (discovery, or the check of declared names)
+        # declared names its own GET /v1/models does not serve (None: not checked, or nothing declared)
+        self.models_missing: tuple[str, ...] | None = None
         self.concurrency = spec.concurrency or settings.queue.concurrency
         self._rr = 0
         self.paused = False
@@ -89,6 +115,11 @@ class WorkerGroup:
     @property
     def models(self) -> tuple[str, ...]:
         return self.spec.models or self.discovered
+
+    @property
+    def models_known(self) -> bool:
+        """Declared, or read from the worker: a model it does not list is not its."""
+        return bool(self.spec.models) or self.models_read
 
     def serving(self) -> list[Replica]:
         return [r for r in self.replicas if r.manager.serving]
@@ -135,6 +166,7 @@ class Fleet:
                  on_protocol_error: Callable[[str], None] | None = None,
                  on_spawn: Callable[[], None] | None = None,
                  on_idle: Callable[[], None] | None = None,
+                 on_models: Callable[[], None] | None = None,
                  gpus_seen: int | None = None):
         self.settings = settings
         self.runtime_dir = runtime_dir
@@ -147,6 +179,7 @@ class Fleet:
         self._on_protocol_error = on_protocol_error
         self._on_spawn = on_spawn
         self._on_idle = on_idle
+        self._on_models = on_models  # the models a worker serves changed (discovered, or a reload)
         self.groups: dict[str, WorkerGroup] = {}
         self.exits: deque[dict] = deque(maxlen=RECENT_EXITS)
         self._tasks = TaskSet()
@@ -263,8 +296,9 @@ class Fleet:
         if new is WorkerState.READY and old is WorkerState.STARTING:
             r.breaker.release_forced("worker ready")
             g = self.groups.get(r.worker)
-            if g is not None and not g.spec.models and not g.discovered:
-                self._tasks.spawn(self._discover(g, r))
+            if g is not None:
+                # every start: a new command may serve other names (discovered), or not the declared ones
+                self._tasks.spawn(self._read_models(g, r))
         elif new is WorkerState.FAILED:
             r.breaker.force_open("worker crash loop")
         self._on_state(r, old, new, reason)
@@ -272,34 +306,53 @@ class Fleet:
         if g is not None:
             g.refresh()
 
-    async def _discover(self, g: WorkerGroup, r: Replica) -> None:
-        """Read the models a worker serves from its own GET /v1/models, once it is ready."""
+    async def _read_models(self, g: WorkerGroup, r: Replica) -> None:
+        """Once a replica is ready, ask its own GET /v1/models: the names of a worker that declares none
+        (discovery), or whether it serves the names declared for it (a mismatch is warned about)."""
         inc = r.manager.current
         if inc is None:
             return
-        head = b"GET /v1/models HTTP/1.1\r\nHost: worker\r\nUser-Agent: gpu-supervisor\r\n\r\n"
-        conn = None
-        try:
-            async with asyncio.timeout(DISCOVERY_TIMEOUT_S):
-                conn = await inc.pool.connect()
-                await conn.start(head, None, False)
-                chunks = []
-                while chunk := await conn.read():
-                    chunks.append(chunk)
-            if conn.status != 200:
-                return
-            data = json.loads(b"".join(chunks))
-            names = tuple(str(m["id"]) for m in data.get("data", []) if isinstance(m, dict) and m.get("id"))
-        except (TimeoutError, UpstreamError, ValueError, TypeError, AttributeError, KeyError) as exc:
-            log.info("models_discovery_failed", worker=g.name, error=str(exc))
+        declared = g.spec.models
+        names = await _worker_models(inc, g.name)
+        if self.groups.get(g.name) is not g or g.spec.models != declared:
+            return  # removed or reconfigured meanwhile: a newer read follows
+        if declared:
+            await self._check_declared(g, r, inc, declared, names)
             return
-        finally:
-            if conn is not None:
-                conn.abort()
         taken = {m for other in self.groups.values() if other is not g for m in other.models}
-        clash = [m for m in names if m in taken]
-        g.discovered = tuple(m for m in names if m not in taken)
-        log.info("models_discovered", worker=g.name, models=list(g.discovered), ignored_as_taken=clash or None)
+        found = names or ()
+        clash = [m for m in found if m in taken]
+        before = g.models
+        if names is not None or not g.models_read:
+            g.discovered = tuple(m for m in found if m not in taken)
+        g.models_read = True
+        log.info("models_discovered", worker=g.name, replica=r.index, models=list(g.discovered),
+                 ignored_as_taken=clash or None)
+        if g.models != before and self._on_models is not None:
+            self._on_models()
+
+    async def _check_declared(self, g: WorkerGroup, r: Replica, inc: Incarnation, declared: tuple[str, ...],
+                              names: tuple[str, ...] | None) -> None:
+        """Warn (log models_mismatch, /status models_missing) about declared names the worker does not serve:
+        requests naming them would get the worker's own 404 while the daemon lists them as loaded."""
+        if names is None:
+            return  # no list to compare with (logged): nothing to warn about
+        missing = []
+        for m in declared:
+            # an alias the worker accepts without listing it answers its GET /v1/models/{id}
+            if m not in names and await _worker_get(inc, "/v1/models/" + quote(m, safe=""), g.name) != 200:
+                missing.append(m)
+        if self.groups.get(g.name) is not g or g.spec.models != declared:
+            return
+        g.models_read = True
+        if missing:
+            log.warning("models_mismatch", worker=g.name, replica=r.index, declared=list(declared),
+                        served=list(names), missing=missing,
+                        hint="requests naming these get the worker's own 404: declare what its GET /v1/models "
+                             "lists, or give it the name (model_worker: --model-name)")
+        elif g.models_missing:
+            log.info("models_match", worker=g.name, replica=r.index, declared=list(declared))
+        g.models_missing = tuple(missing)
 
     # -- readiness -----------------------------------------------------------------------------
     def not_ready(self, now: float) -> list[str]:
@@ -308,20 +361,29 @@ class Fleet:
             if g.spec.start != "eager":
                 continue
             if not any(r.manager.serving for r in g.replicas):
-                why.append(f"worker {g.name}: no replica serving ({g.state_summary()})")
+                # a replica that cannot start at all says why (a program not found)
+                boot = next((r.manager.last_exit.detail for r in g.replicas
+                             if r.manager.last_exit is not None and r.manager.last_exit.detail), None)
+                why.append(f"worker {g.name}: no replica serving ({g.state_summary()})" + (f"; {boot}" if boot else ""))
+            elif not g.models_known:
+                why.append(f"worker {g.name}: reading the models it serves (its GET /v1/models)")
             elif not any(r.breaker.would_allow(now) for r in g.serving()):
                 why.append(f"worker {g.name}: breaker open on every serving replica")
         return why
 
     # -- reload --------------------------------------------------------------------------------
-    def apply(self, settings: Settings) -> None:
-        """Add, remove and reconfigure workers and replicas; unchanged replicas keep running."""
+    def apply(self, settings: Settings) -> ReloadSummary:
+        """Add, remove and reconfigure workers and replicas; unchanged replicas keep running. Says what
+        it did: which workers came and went, which replicas were added, retired or are being replaced."""
         self.settings = settings
         new_fleet = settings.fleet
+        done = ReloadSummary()
         for name in [n for n in self.groups if n not in new_fleet]:
             g = self.groups.pop(name)
+            done.workers_removed.append(name)
             for r in g.replicas:
                 self._retire(r)
+                done.replicas_retired.append(r.name)
             g.queue.fail_waiting(lambda n=name: Rejected(
                 "worker_unavailable", f"worker {n!r} was removed by a configuration reload", 1.0))
         for name, spec in new_fleet.items():
@@ -335,6 +397,8 @@ class Fleet:
                     for r in g.replicas:
                         self._run(r)
                 g.refresh()
+                done.workers_added.append(name)
+                done.replicas_added += [r.name for r in g.replicas]
                 continue
             g.queue.configure(settings.queue)
             g.concurrency = spec.concurrency or settings.queue.concurrency
@@ -343,6 +407,10 @@ class Fleet:
             old_spec, g.spec = g.spec, spec
             if spec.models != old_spec.models:
                 g.discovered = ()
+                g.models_missing = None
+                serving = g.serving()
+                if serving:  # no restart follows (models is a fleet-level key): read them from it now
+                    self._tasks.spawn(self._read_models(g, serving[0]))
             # replicas by placement: keep those still wanted, retire the rest, add the new ones
             want = list(self._placements(name, spec))
             keep: list[Replica] = []
@@ -352,24 +420,27 @@ class Fleet:
                     want.remove(r.gpu)
                 else:
                     self._retire(r)
+                    done.replicas_retired.append(r.name)
             used = {r.index for r in keep}
             for gpu in want:
                 idx = next(i for i in range(len(keep) + len(want) + 1) if i not in used)
                 used.add(idx)
                 r = self._new_replica(g, idx, gpu, spec)
                 keep.append(r)
+                done.replicas_added.append(r.name)
                 if self._started:
                     self._run(r)
             g.replicas = sorted(keep, key=lambda r: r.index)
             stale = [r for r in g.replicas if r.manager.spec.lifecycle() != spec.lifecycle()
                      or r.manager.state is WorkerState.FAILED]
-            changed = bool(stale)
-            if changed and stale:
+            if stale:
                 self._tasks.spawn(self._roll(g, stale, spec))
+                done.replicas_replaced += [r.name for r in stale]
             for r in g.replicas:
                 if r not in stale:
                     r.manager.reconfigure(spec, settings.drain.timeout_s)  # no restart: fleet-level keys only
             g.refresh()
+        return done
 
     async def _roll(self, g: WorkerGroup, stale: list[Replica], spec: WorkerSpec) -> None:
         """Replace a changed worker one replica at a time: with N replicas, N - 1 keep serving."""
@@ -406,3 +477,47 @@ class Fleet:
             self._tasks.spawn(reap())
         else:
             self.retiring.remove(r)
+
+
+async def _worker_get(inc: Incarnation, target: str, worker: str) -> int | None:
+    """The status of a GET the daemon makes itself on a fresh connection to the worker (None: no answer)."""
+    status, _ = await _worker_fetch(inc, target, worker)
+    return status
+
+
+async def _worker_fetch(inc: Incarnation, target: str, worker: str) -> tuple[int | None, bytes]:
+    head = f"GET {target} HTTP/1.1\r\nHost: worker\r\nUser-Agent: gpu-supervisor\r\n\r\n".encode()
+    conn = None
+    try:
+        async with asyncio.timeout(DISCOVERY_TIMEOUT_S):
+            conn = await inc.pool.connect()
+            await conn.start(head, None, False)
+            chunks, size = [], 0
+            while chunk := await conn.read():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MODELS_MAX_BYTES:
+                    log.info("models_read_failed", worker=worker, target=target, error="answer too large")
+                    return None, b""
+        return conn.status, b"".join(chunks)
+    except (TimeoutError, UpstreamError, OSError) as exc:
+        log.info("models_read_failed", worker=worker, target=target, error=str(exc) or type(exc).__name__)
+        return None, b""
+    finally:
+        if conn is not None:
+            conn.abort()
+
+
+async def _worker_models(inc: Incarnation, worker: str) -> tuple[str, ...] | None:
+    """The ids of the worker's own GET /v1/models; None when it has no such list (or gave no answer)."""
+    status, body = await _worker_fetch(inc, "/v1/models", worker)
+    if status != 200:
+        if status is not None:
+            log.info("models_read_failed", worker=worker, target="/v1/models", status=status)
+        return None
+    try:
+        data = json.loads(body)
+        return tuple(str(m["id"]) for m in data.get("data", []) if isinstance(m, dict) and m.get("id"))
+    except (ValueError, TypeError, AttributeError) as exc:
+        log.info("models_read_failed", worker=worker, target="/v1/models", error=str(exc))
+        return None

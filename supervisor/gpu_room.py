@@ -115,6 +115,20 @@ class GpuRoom:
     def held_by_gpu(self) -> dict[int, int]:
         return {gpu: self.held(gpu) for gpu in self.gpus()}
 
+    def waiting(self, r: Replica) -> str | None:
+        """What `r` waits for while the ledger holds its start (words for a 503), else None."""
+        if (r.worker, r.index) not in self.waiting_since or r.gpu is None:
+            return None
+        text = f"it needs {self.need_bytes(r) >> 20} MiB on GPU {r.gpu}"
+        cap = self.capacity(r.gpu)
+        if cap is not None:
+            text += f", {max(0, cap - self.held(r.gpu)) >> 20} of {cap >> 20} MiB are free"
+        busy = [f"{x.worker}/{x.index}" for x in self.sup.fleet.replicas()
+                if x.gpu == r.gpu and x is not r and (x.worker, x.index) in self.admitted and x.manager.inflight > 0]
+        if busy:
+            text += f"; held by {', '.join(busy)}, busy (never stopped mid-request)"
+        return text
+
     # -- events --------------------------------------------------------------------------------
     def changed(self) -> None:
         ev, self._changed = self._changed, asyncio.Event()

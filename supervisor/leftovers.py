@@ -1,18 +1,24 @@
-"""Workers a killed daemon left behind: a pid file with start times, and stopping them at the next start.
+"""Workers a killed daemon left behind: a pid file with start times, a guard that stops them when the
+daemon dies, and the next daemon that stops whatever is still there before it starts its own.
 
 The worker is spawned with PR_SET_PDEATHSIG (it gets SIGKILL when its daemon dies), which covers the
-worker itself; this file covers what that cannot (a platform without setpriv, a worker's own children
-that left its process group). Each record is (pid, start time in clock ticks since boot): a pid that was
-reused by another process has another start time and is never touched.
+worker process itself, not what it started: gunicorn's worker processes, a server's engine processes
+outlive their dead master (re-parented to pid 1) for as long as they take to notice. Each worker leads
+its own session (start_new_session), so its tree is every process of that session or process group.
+Each record is (pid, start time in clock ticks since boot): a pid that was reused by another process has
+another start time and is never touched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
 import structlog
@@ -20,16 +26,54 @@ import structlog
 log = structlog.get_logger("supervisor.leftovers")
 
 
-def start_time(pid: int) -> int | None:
-    """The process's start time (field 22 of /proc/PID/stat), or None when it is gone."""
+def _stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, process group, session, start time) from /proc/PID/stat, or None when it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     try:
-        return int(stat.rsplit(")", 1)[1].split()[19])
+        f = stat.rsplit(")", 1)[1].split()
+        return f[0], int(f[2]), int(f[3]), int(f[19])
     except (IndexError, ValueError):
         return None
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time (field 22 of /proc/PID/stat), or None when it is gone."""
+    st = _stat(pid)
+    return st[3] if st is not None else None
+
+
+def _running(pid: int, start: int | None) -> bool:
+    """That very process (same start time) exists and is not a zombie (a dead one not yet reaped)."""
+    st = _stat(pid)
+    return st is not None and start is not None and st[3] == start and st[0] not in ("Z", "X")
+
+
+def tree(leader: int, started: int) -> list[tuple[int, int]]:
+    """(pid, start) of every running process of a worker's tree: the worker itself, and every process
+    in its session or process group (it leads both), its orphans included once the worker is gone.
+
+    A session's number stays taken while any process of it lives, so a process in session `leader`
+    belongs to the worker's tree, unless the number was taken again after the whole tree ended: then
+    a process with that pid and another start time leads the new session, and nothing is returned.
+    """
+    st = _stat(leader)
+    if st is not None and st[3] != started:
+        return []
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) <= 1:
+                continue
+            pid = int(entry.name)
+            s = _stat(pid)
+            if s is None or s[0] in ("Z", "X") or s[3] < started:
+                continue
+            if pid == leader or s[1] == leader or s[2] == leader:
+                found.append((pid, s[3]))
+    return found
 
 
 def pid_file(state_dir: str, config_source: str) -> Path:
@@ -48,10 +92,12 @@ def write(path: Path, daemon_pid: int, workers: list[int]) -> None:
     tmp.replace(path)
 
 
-def reap(path: Path, own_pid: int) -> list[int]:
-    """Kill (SIGKILL, with their process groups) the workers a dead predecessor recorded; returns their
-    pids. A predecessor that is still alive keeps its workers (two daemons on one config is its own
-    problem, logged)."""
+def reap(path: Path, own_pid: int, why: str = "left running by a daemon that was killed",
+         wait_s: float = 5.0) -> list[int]:
+    """SIGKILL every process of the worker trees a dead daemon recorded and wait (up to `wait_s`) until
+    they are gone, so that their memory is free before anything starts again; returns their pids.
+    A recorded daemon that still runs keeps its workers (two daemons on one config is its own problem,
+    logged). Blocking (a walk of /proc, a wait): call it in a thread."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -59,23 +105,111 @@ def reap(path: Path, own_pid: int) -> list[int]:
     if not isinstance(data, dict):
         return []
     dpid, dstart = data.get("daemon_pid"), data.get("daemon_start")
-    if isinstance(dpid, int) and dpid != own_pid and dstart is not None and start_time(dpid) == dstart:
+    if isinstance(dpid, int) and dpid != own_pid and _running(dpid, dstart):
         log.warning("predecessor_alive", daemon_pid=dpid, pid_file=str(path),
                     hint="another daemon runs with this config; its workers are left alone")
         return []
-    killed = []
+    victims: dict[int, int] = {}
     for rec in data.get("workers", []):
         if not isinstance(rec, dict):
             continue
         pid, started = rec.get("pid"), rec.get("start")
-        if not isinstance(pid, int) or pid <= 1 or start_time(pid) != started or started is None:
-            continue  # gone, or the pid now belongs to another process
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+        if isinstance(pid, int) and pid > 1 and isinstance(started, int):
+            victims.update(tree(pid, started))
+    for pid in victims:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-    if killed:
-        log.warning("stale_workers_killed", pids=killed, pid_file=str(path),
-                    why="left running by a daemon that was killed")
-    return killed
+    deadline = time.monotonic() + wait_s
+    left = list(victims.items())
+    while left and time.monotonic() < deadline:
+        time.sleep(0.01)  # (a thread or the guard: never the event loop)
+        left = [(p, t) for p, t in left if _running(p, t)]
+    if victims:
+        log.warning("stale_workers_killed", pids=sorted(victims), pid_file=str(path), why=why,
+                    still_running=[p for p, _ in left] or None)
+    return sorted(victims)
+
+
+# -- the guard -------------------------------------------------------------------------------------
+# The guard runs the same code as the daemon: the daemon's interpreter and environment, this package's
+# own directory first on its path, the working directory not on it (-P: never another `supervisor`).
+GUARD_CODE = "import sys; sys.path.insert(0, sys.argv[1]); from supervisor.leftovers import guard_main; guard_main()"
+GUARD_MAX_PAUSE_S = 60.0
+STOP = b"stop\n"  # the daemon's last word on a clean exit: its workers are stopped, nothing to do
+
+
+def guard_main(argv: list[str] | None = None) -> None:
+    """The guard process: wait for the daemon's end of the pipe (stdin) to close; without STOP first, the
+    daemon died (kill -9, a crash): stop its workers' trees as the next daemon would, at once."""
+    from . import logs
+
+    pid_path, fmt, level = (argv if argv is not None else sys.argv[2:])[:3]
+    logs.configure(fmt, level)
+    daemon = os.getppid()
+    data = sys.stdin.buffer.read()  # returns once no process holds the write end: the daemon exited
+    if data.endswith(STOP):
+        return
+    # its pipe closes before it is a zombie: wait until it is (we are re-parented then), so that reap
+    # sees a dead daemon and not a running one
+    deadline = time.monotonic() + 5.0
+    while os.getppid() == daemon and time.monotonic() < deadline:
+        time.sleep(0.005)
+    reap(Path(pid_path), os.getpid(), why="its daemon died")
+
+
+class Guard:
+    """A small process, in its own session, that outlives its daemon just long enough to stop the
+    daemon's worker trees when the daemon dies however it dies (kill -9 included)."""
+
+    def __init__(self, pid_path: Path, log_format: str, log_level: str):
+        self.cmd = [sys.executable, "-P", "-c", GUARD_CODE, str(Path(__file__).resolve().parents[1]),
+                    str(pid_path), log_format, log_level]
+        self.proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task | None = None
+        self._started = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._keep(), name="leftovers-guard")
+        await self._started.wait()
+
+    async def _keep(self) -> None:
+        """Keep one guard running: one that died (killed by someone) is replaced, after a pause that
+        grows while it keeps dying young (one that cannot start must not flood the log)."""
+        pause = 1.0
+        while True:
+            started = time.monotonic()
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    *self.cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+                    start_new_session=True)  # (its own session: a Ctrl-C meant for the daemon spares it)
+            except OSError as exc:
+                log.error("guard_unavailable", error=str(exc),
+                          consequence="a kill -9 of the daemon leaves worker processes until the next start")
+                self._started.set()
+                return
+            self._started.set()
+            code = await self.proc.wait()
+            pause = 1.0 if time.monotonic() - started > GUARD_MAX_PAUSE_S else min(pause * 2, GUARD_MAX_PAUSE_S)
+            log.warning("guard_exited", code=code, action="started again", in_s=pause)
+            await asyncio.sleep(pause)
+
+    async def aclose(self) -> None:
+        """The daemon stops cleanly (its workers are stopped): tell the guard, and wait for it to go."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        proc = self.proc
+        if proc is None or proc.returncode is not None or proc.stdin is None:
+            return
+        with contextlib.suppress(ConnectionError):
+            proc.stdin.write(STOP)
+            await proc.stdin.drain()
+        proc.stdin.close()
+        try:
+            async with asyncio.timeout(5.0):
+                await proc.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()

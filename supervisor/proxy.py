@@ -59,6 +59,8 @@ NO_WORKER = "none"  # the worker label of a request refused before it had one
 HANGS_BEFORE_POISON = 2  # a request in flight on this many workers that hung is not tried again
 JOB_SUBMIT_ERRORS = (CallbackRefused, Conflict, Full, StoreUnavailable)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+MODELS_PATH = "/v1/models"  # the daemon answers the list and each card itself (every worker's models)
+MODEL_PREFIX = MODELS_PATH + "/"
 
 
 class Call:
@@ -120,9 +122,14 @@ class RequestPath:
         self._default_level = self._level_index[s.queue.default_priority]
         self._level_timeouts = [s.queue.level_timeout(n) for n in self._level_names]
         self._allowed_levels = ", ".join(self._level_names)
-        self._by_model = s.routes_by_model
         self._model_routes = any(r.model is not None for r in s.routes)
         self._fairness = s.queue.fairness if s.queue.fairness.key is not None else None
+        self.models_changed()
+
+    def models_changed(self) -> None:
+        """Whether routing reads the JSON body's `model`: a route names one, or a worker serves models, declared
+        or discovered. Kept in step by the fleet when discovery changes what is served, never asked per request."""
+        self._by_model = self._model_routes or bool(self.sup.fleet.served_models())
 
     def new_request_id(self) -> str:
         # unique per process start (random prefix) and cheap: no syscall per request
@@ -146,7 +153,8 @@ class RequestPath:
                 request.transport.close()
                 raise asyncio.CancelledError
             self._check_request_line(request)
-            if call.method == "GET" and call.path == "/v1/models" and self.sup.fleet.served_models():
+            if call.method == "GET" and (call.path == MODELS_PATH or call.path.startswith(MODEL_PREFIX)) \
+                    and self.sup.fleet.served_models():
                 resp = self._models(call)
             else:
                 resp = await self._serve(request, call)
@@ -164,14 +172,23 @@ class RequestPath:
         return resp
 
     def _models(self, call: Call) -> web.Response:
-        """Every worker's models, as OpenAI lists them, with whether the worker is loaded now."""
+        """GET /v1/models: every worker's models, as OpenAI lists them, with whether the worker is loaded
+        now; GET /v1/models/{id} (an id may hold `/`): one of those cards, or 404 model_not_found."""
         data = []
         for g in self.sup.fleet.groups.values():
             loaded = any(r.manager.serving for r in g.replicas)
             for m in g.models:
                 data.append({"id": m, "object": "model", "created": 0, "owned_by": g.name,
                              "status": "loaded" if loaded else "unloaded", "worker": g.name})
-        return web.json_response({"object": "list", "data": data}, headers={"X-Request-ID": call.rid})
+        headers = {"X-Request-ID": call.rid}
+        if call.path == MODELS_PATH:
+            return web.json_response({"object": "list", "data": data}, headers=headers)
+        wanted = call.path[len(MODEL_PREFIX):]
+        for card in data:
+            if card["id"] == wanted:
+                return web.json_response(card, headers=headers)
+        raise Rejected("model_not_found", f"model {wanted!r} is not served here; "
+                       f"served models: {', '.join(c['id'] for c in data)}")
 
     def _observe(self, call: Call, code: int) -> None:
         level = call.level if call.level >= 0 else self._default_level
@@ -349,8 +366,8 @@ class RequestPath:
             outcome.fail()
             raise Rejected("timeout", "the job ran past its deadline") from None
         except UpstreamError as exc:
-            if await _died(inc, exc):
-                replica.breaker.release_probe()
+            if await _died(inc, exc) or (_unanswered(exc) and call.attempt < call.max_attempts):
+                replica.breaker.release_probe()  # (as for a request: see _exchange)
                 raise _WorkerDied("worker_crashed", inc.requested is ExitReason.HANG) from None
             outcome.fail()
             raise Rejected("worker_error", f"the worker gave no valid answer: {exc.detail}") from None
@@ -372,9 +389,9 @@ class RequestPath:
         elif call.model is not None:
             group = fleet.group_for_model(call.model)
             if group is None:
-                unknown = [g for g in fleet.groups.values() if not g.models]
+                unknown = [g for g in fleet.groups.values() if not g.models_known]
                 if unknown:
-                    group = unknown[0]  # its models are not known yet: it may serve this one
+                    group = unknown[0]  # its models are not known yet (not started): it may serve this one
                 else:
                     served = fleet.served_models()
                     raise Rejected("model_not_found", f"model {call.model!r} is not served here; "
@@ -539,8 +556,10 @@ class RequestPath:
             waited = time.monotonic() - now
             self.sup.metrics.observe_wait(name, waited)
             if not g.serving():
-                raise Rejected("worker_unavailable", f"worker {g.name} is {g.state_summary()} and did not come "
-                               f"back within this request's wait limit ({limit:.3g}s)",
+                room = self.sup.waiting_for_room(g)
+                what = (f"worker {g.name} is waiting for GPU room: {room}; it did not start" if room is not None
+                        else f"worker {g.name} is {g.state_summary()} and did not come back")
+                raise Rejected("worker_unavailable", f"{what} within this request's wait limit ({limit:.3g}s)",
                                self.sup.unavailable_retry_after(g)) from None
             if g.paused:
                 raise Rejected("overloaded", "memory pressure has paused dispatch",
@@ -574,8 +593,11 @@ class RequestPath:
                            f"{self._timeout_header})") from None
         except UpstreamError as exc:
             died = await _died(inc, exc)
-            if died:
-                replica.breaker.release_probe()  # a worker death belongs to the lifecycle, not the breaker
+            if died or (_unanswered(exc) and call.attempt < call.max_attempts):
+                # a worker death belongs to the lifecycle, not the breaker; so does a connection closed
+                # before any answer byte by a worker whose process lives on (its model process died under
+                # a master that lives on): tried again, counted once by its final outcome
+                replica.breaker.release_probe()
                 raise _WorkerDied("worker_crashed", inc.requested is ExitReason.HANG) from None
             outcome.fail()
             raise Rejected("worker_error", f"the worker gave no valid answer: {exc.detail}") from None
@@ -889,6 +911,13 @@ async def _died(inc: Incarnation, exc: UpstreamError) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def _unanswered(exc: UpstreamError) -> bool:
+    """The worker closed the connection before any byte of the answer: the process that held it died
+    (a gunicorn worker under its master), or the worker refused the request without a word. Either
+    way nothing of it was answered: a retry-safe request may go again on a fresh connection."""
+    return exc.kind == "reset" and not exc.started
 
 
 def _is_oom(raw: list[tuple[bytes, bytes]]) -> bool:

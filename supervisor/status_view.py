@@ -63,7 +63,8 @@ def render_status(sup: Supervisor) -> dict:
             for k in agg:
                 agg[k] += p[k]
         workers[g.name] = {
-            "models": list(g.models), "models_declared": bool(g.spec.models), "start": g.spec.start,
+            "models": list(g.models), "models_declared": bool(g.spec.models),
+            "models_missing": None if g.models_missing is None else list(g.models_missing), "start": g.spec.start,
             "pinned": g.spec.pinned, "idle_unload_s": g.spec.idle_unload_s,
             "replicas": [_replica(sup, r, now) for r in g.replicas], "queue": q,
         }

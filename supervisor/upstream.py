@@ -431,8 +431,13 @@ class UpstreamPool:
         return None if latest is None else max(0.0, now - latest)
 
     def close(self) -> None:
+        """The incarnation is gone. An exchange still waiting for its answer fails as a reset (its worker
+        died): closed here before the kernel's reset of that connection reached the event loop, it
+        would otherwise wait for an answer that cannot come until its client gave up."""
         self.closed = True
         for c in list(self._all):
+            if c.outstanding and c._error is None:
+                c._fail(UpstreamError("reset", "the worker exited", c._got_bytes))
             c.abort()
         self._all.clear()
         self._idle.clear()

@@ -13,7 +13,6 @@ import contextlib
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import structlog
 
 from .aio import wait_quietly
-from .config import WorkerSpec
+from .config import WorkerSpec, find_program
 from .pressure import recycle_due
 from .states import PLANNED_EXITS, SERVING_STATES, UNLOAD_EXITS, ExitReason, WorkerState, check_move
 from .upstream import UpstreamError, UpstreamPool
@@ -94,16 +93,11 @@ def kernel_oom_kills() -> int:
     return total
 
 
-def _check_program(program: str, path: str | None, cwd: str | None) -> None:
-    """Raise FileNotFoundError/PermissionError as exec would, for a program that cannot be run."""
-    if "/" in program:
-        full = program if os.path.isabs(program) else os.path.join(cwd or os.getcwd(), program)
-        if not os.path.isfile(full):
-            raise FileNotFoundError(2, "No such file or directory", program)
-        if not os.access(full, os.X_OK):
-            raise PermissionError(13, "Permission denied", program)
-    elif shutil.which(program, path=path) is None:
-        raise FileNotFoundError(2, "No such file or directory (not on PATH)", program)
+def _check_program(program: str, path: str | None, cwd: str | None) -> str:
+    """The absolute path of the program to exec: a bare name looked up on the worker's PATH, then in our
+    own environment's bin (check-config looks the same way). Raises FileNotFoundError/PermissionError
+    naming the program and where it looked: found before any fork, not by a child that fails later."""
+    return find_program(program, path, cwd)
 
 
 def counter_value(text: bytes, metric: str) -> float | None:
@@ -146,6 +140,7 @@ class ExitInfo:
     at: float  # wall clock, for humans
     pid: int
     uptime_s: float
+    detail: str | None = None  # why it could not start at all (a program not found), for /status
 
     def as_dict(self) -> dict:
         return {
@@ -155,6 +150,7 @@ class ExitInfo:
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.at)),
             "pid": self.pid,
             "uptime_s": round(self.uptime_s, 3),
+            "detail": self.detail,
         }
 
 
@@ -202,6 +198,7 @@ class Incarnation:
         self.idle.set()
         self.tasks: list[asyncio.Task] = []
         self.accounted = False  # its exit was classified and acted on
+        self.boot_error: str | None = None  # it could not be started at all: why
 
 
 class WorkerManager:
@@ -280,9 +277,12 @@ class WorkerManager:
             self.ready.set()
         else:
             self.ready.clear()
+        inc = self.current
         getattr(self.log, level)(
             "worker_state", old=old.value, new=new.value, reason=reason,
-            worker_pid=self.current.pid if self.current else None,
+            # a process that runs (or is being stopped); never the one that already exited (its exit
+            # is logged with its pid), and none before the next one is spawned
+            worker_pid=inc.pid if inc is not None and inc.pid and not inc.exited.is_set() else None,
         )
         # ready <-> busy happens per request; whether the worker serves at all did not change
         if self.on_change is not None and not (old in SERVING_STATES and new in SERVING_STATES):
@@ -497,9 +497,10 @@ class WorkerManager:
             raise ValueError(f"socket path too long for a Unix socket ({len(path)} bytes): {path}")
         return path
 
-    def _command(self, sock: str) -> list[str]:
+    def _command(self, sock: str, path: str | None) -> list[str]:
         # {python} is the supervisor's own interpreter: handy when the worker lives in the same venv
         cmd = [part.replace("{socket}", sock).replace("{python}", sys.executable) for part in self.spec.command]
+        cmd[0] = _check_program(cmd[0], path, self.spec.cwd)  # (setpriv would only fail after the fork)
         if os.path.exists(SETPRIV):
             # the worker never outlives its daemon: SIGKILL when the daemon (its parent) dies
             cmd = [SETPRIV, "--pdeathsig", "KILL", "--", *cmd]
@@ -518,20 +519,21 @@ class WorkerManager:
             self._move(WorkerState.STARTING, "spawn")
         w = self.spec
         env = {**self.worker_env(), "GPU_SUPERVISOR_SOCKET": sock}
-        cmd = self._command(sock)
+        cmd = list(w.command)
         inc.oom_kills_at_start = await asyncio.to_thread(kernel_oom_kills)
         try:
-            if cmd[0] == SETPRIV:
-                _check_program(cmd[4], env.get("PATH"), w.cwd)  # (setpriv would only fail after the fork)
+            cmd = self._command(sock, env.get("PATH"))
             inc.proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env=env, cwd=w.cwd, start_new_session=True,
                 limit=1 << 20,
             )
         except OSError as exc:
-            self.log.error("worker_spawn_failed", command=cmd, error=str(exc))
+            # a boot error (a program not found, a cwd that is not there): a failed start, named
+            inc.boot_error = f"cannot start {exc.filename or cmd[0]!r}: {exc.strerror or exc}"
+            self.log.error("worker_spawn_failed", command=cmd, error=inc.boot_error)
             inc.returncode = 127
-            inc.tail.append(f"cannot start {cmd[0]!r}: {exc.strerror or exc}")
+            inc.tail.append(inc.boot_error)
             inc.exited.set()
             await self._after_exit(inc)
             return None
@@ -773,6 +775,7 @@ class WorkerManager:
             at=time.time(),
             pid=inc.pid,
             uptime_s=now - inc.spawned_at,
+            detail=inc.boot_error,
         )
         self.last_exit = info
         log_fn = self.log.info if reason in PLANNED_EXITS else self.log.warning

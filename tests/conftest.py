@@ -10,6 +10,22 @@ import pytest
 
 from tests.harness import SupervisorProcess
 
+# Modules whose tests start real processes (the daemon, model workers, Chromium, Prometheus, systemd
+# tools) besides the *_e2e.py files: all of them are the `e2e` tier; `pytest -m "not e2e"` runs the rest
+# (pure logic, in-process servers, a throwaway redis-server) in well under a minute.
+E2E_MODULES = frozenset({
+    "test_model_worker", "test_model_worker_schema", "test_model_worker_supervised", "test_ui",
+    "test_grafana_dashboard", "test_sd_notify", "test_status_cli", "test_systemd", "test_workers_selfcheck",
+    "test_deploy_kubernetes", "test_gpu_e2e",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if name.endswith("_e2e") or name in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture
 async def supervisor_factory():

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -159,7 +164,7 @@ def test_workers_inherit_worker_defaults_and_keep_their_own_keys():
         worker_defaults: {stop_grace_s: 2, health: {interval_s: 0.5}}
         workers:
           chat: {command: [a], gpus: [0, 2], health: {timeout_s: 1}}
-          embed: {command: [b], replicas: 3, stop_grace_s: 7, start: on_demand}
+          embed: {command: [b], models: [e], replicas: 3, stop_grace_s: 7, start: on_demand}
     """.replace("\n        ", "\n"))
     chat, embed = s.fleet["chat"], s.fleet["embed"]
     assert chat.stop_grace_s == 2 and chat.health.interval_s == 0.5 and chat.health.timeout_s == 1
@@ -206,3 +211,196 @@ workers:
   chat: {command: [a], gpus: [0], gpu_memory_mb: 14000}
 gpu: {budget_mb: {0: 16000}, reserve_mb: 1000}
 """)
+
+
+# -- every problem in one run ------------------------------------------------------------------
+
+SEVERAL_PROBLEMS = """\
+queue:
+  concurrency: 0
+  max_size: yes
+  pools: {cpu: {concurrency: 4}}
+workers:
+  chat: {command: ["{python}", -m, model_worker], gpus: 0}
+  embed: {command: ["{python}", -m, model_worker], start: on_demand}
+routes:
+  - {path: v1/chat, methods: [FETCH], worker: nope, priority: urgent, pool: gpu}
+  - {path: /v1/embeddings, pool: cpu, timeout_s: on}
+gpu:
+  actions: {soft: {shed_below: urgent}}
+  thresholds: {soft: 0.9, hard: 0.8, critical: 0.99, extra: 1}
+breaker: {window: 3, min_calls: 5, failure_rate: 2}
+logging: {level: loud}
+"""
+
+
+def test_one_check_config_run_reports_every_independent_problem(tmp_path):
+    f = tmp_path / "policy.yaml"
+    f.write_text(SEVERAL_PROBLEMS)
+    r = run_cli("check-config", str(f))
+    assert r.returncode == 1
+    expected = [
+        "queue.concurrency (line 2): write a number greater than 0, not 0",
+        "queue.max_size (line 3): `yes` is read by YAML as the boolean true: write a number",
+        "workers.chat.gpus (line 6): write a list of GPU indexes like [0, 1], or auto",
+        "workers.embed.start (line 7): an on_demand worker needs `models:`",
+        "routes.0.path (line 9): must start with '/'",
+        "routes.0.methods (line 9): unknown HTTP method(s) ['FETCH']",
+        "routes.0.worker (line 9): 'nope' is not one of the workers ['chat', 'embed']",
+        "routes.0.priority (line 9): 'urgent' is not one of",
+        "routes.0.pool (line 9): 'gpu' is not one of ['cpu', 'default']",
+        "routes.1.timeout_s (line 10): `on` is read by YAML as the boolean true: write a number",
+        "gpu.actions.soft.shed_below (line 12): 'urgent' is not one of",
+        "gpu.thresholds (line 13): thresholds must rise",
+        "gpu.thresholds.extra (line 13): unknown key",
+        "breaker.failure_rate (line 14): write a number of at most 1",
+        "breaker (line 14): min_calls must be <= window",
+        "logging.level (line 15): write 'debug', 'info', 'warning' or 'error', not 'loud'",
+    ]
+    lines = [line.strip() for line in r.stderr.splitlines()[1:]]
+    for want in expected:
+        assert sum(line.startswith(want) for line in lines) == 1, (want, r.stderr)
+    assert f"{len(expected)} problem(s)" in r.stderr, r.stderr
+    # said in the user's words: no union branch names, no pydantic phrasing
+    for jargon in ("tuple[", "literal[", "constrained-", "Input should be"):
+        assert jargon not in r.stderr
+
+
+def test_duplicate_keys_are_refused_at_every_level_with_both_lines():
+    probs = problems("""
+        queue:
+          concurrency: 2
+          concurrency: 3
+        workers:
+          chat: {command: [a], models: [m], models: [n]}
+        queue:
+          timeout_s: 5
+    """)
+    assert any(p.startswith("queue.concurrency (line 4): duplicate key, also at line 3") for p in probs), probs
+    assert any(p.startswith("workers.chat.models (line 6): duplicate key, also at line 6") for p in probs), probs
+    assert any(p.startswith("queue (line 7): duplicate key, also at line 2") for p in probs), probs
+    # a YAML merge key (`<<`) is not a duplicate, nor a key that overrides a merged one
+    s = cfg.parse("worker_defaults: &d {stop_grace_s: 2}\nworkers:\n  chat: {<<: *d, command: [a], stop_grace_s: 3}\n")
+    assert s.fleet["chat"].stop_grace_s == 3
+
+
+@pytest.mark.parametrize("text, key", [
+    ("queue: {max_size: yes}", "queue.max_size"),
+    ("queue: {concurrency: true}", "queue.concurrency"),
+    ("breaker: {failure_rate: on}", "breaker.failure_rate"),
+    ("gpu: {budget_mb: {0: yes}}", "gpu.budget_mb.0"),
+    ("jobs: {max_pending: on}", "jobs.max_pending"),
+    ("workers: {chat: {command: [a], gpus: [yes]}}", "workers.chat.gpus.0"),
+    ("worker: {env: {HF_HUB_OFFLINE: no}}", "worker.env.HF_HUB_OFFLINE"),
+    ("queue: {priorities: [high, off]}", "queue.priorities.1"),
+])
+def test_a_yaml_boolean_is_never_taken_for_a_number_or_a_string(text, key):
+    probs = problems(text)
+    assert len(probs) == 1 and probs[0].startswith(f"{key} (line 1): `"), probs
+    assert "is read by YAML as the boolean" in probs[0]
+
+
+def test_booleans_stay_welcome_where_a_boolean_is_due():
+    s = cfg.parse("workers: {chat: {command: [a], pinned: yes}}\ngpu: {enabled: no}\n"
+                  "routes: [{path: /v1, retry: on}]\nworker_defaults: {}\n")
+    assert s.fleet["chat"].pinned is True and s.gpu.enabled is False and s.routes[0].retry is True
+
+
+def test_union_problems_say_what_to_write_with_the_users_key_path():
+    assert problems("workers: {chat: {command: [a], gpus: 0}}") == [
+        "workers.chat.gpus (line 1): write a list of GPU indexes like [0, 1], or auto"]
+    # a branch that got into the value speaks for it: the bad index, not "should be auto"
+    assert problems("workers: {chat: {command: [a], gpus: [-1]}}") == [
+        "workers.chat.gpus.0 (line 1): write a number of at least 0, not -1"]
+    assert problems("worker: {command: uvicorn}") == [
+        'worker.command (line 1): write the program and its arguments as a list, like '
+        '[uvicorn, app:app, --uds, "{socket}"]']
+
+
+# -- an on-demand worker must be reachable -----------------------------------------------------
+
+def test_an_on_demand_worker_no_request_can_reach_is_refused():
+    probs = problems("""
+        workers:
+          chat: {command: [a]}
+          embed: {command: [b], start: on_demand}
+    """)
+    assert probs == ["workers.embed.start (line 4): an on_demand worker needs `models:` (the names it serves) "
+                     "or a route with `worker: embed`, since it is started only by a request routed to it"]
+
+
+@pytest.mark.parametrize("text", [
+    # its names are declared
+    "workers:\n  chat: {command: [a]}\n  embed: {command: [b], start: on_demand, models: [minilm]}\n",
+    # a route names it
+    "workers:\n  chat: {command: [a]}\n  embed: {command: [b], start: on_demand}\n"
+    "routes: [{path: /v1/embeddings, worker: embed}]\n",
+    # the first worker: requests that name nothing go there
+    "workers:\n  embed: {command: [b], start: on_demand}\n  chat: {command: [a]}\n",
+    "worker: {command: [b], start: on_demand}\n",
+])
+def test_an_on_demand_worker_a_request_can_reach_is_fine(text):
+    cfg.parse(text)
+
+
+# -- the worker's program ----------------------------------------------------------------------
+
+def test_check_config_refuses_a_missing_program_naming_it_and_where_it_looked(tmp_path):
+    f = tmp_path / "policy.yaml"
+    f.write_text('workers:\n  chat: {command: [gs-no-such-server, --uds, "{socket}"]}\n'
+                 '  tool: {command: [./serve.sh], cwd: ' + str(tmp_path) + '}\n')
+    r = run_cli("check-config", str(f))
+    assert r.returncode == 1
+    assert "workers.chat.command (line 2): program 'gs-no-such-server' not found on PATH (" in r.stderr
+    assert f"nor in {Path(sys.executable).parent}" in r.stderr
+    assert f"workers.tool.command (line 3): program './serve.sh' not found (looked for {tmp_path}/serve.sh)" \
+        in r.stderr
+    (tmp_path / "serve.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "serve.sh").chmod(0o755)
+    f.write_text('workers:\n  chat: {command: ["{python}", -m, x]}\n  tool: {command: [./serve.sh], cwd: '
+                 + str(tmp_path) + '}\n')
+    r = run_cli("check-config", str(f))
+    assert r.returncode == 0, r.stderr
+
+
+def test_check_config_finds_a_program_in_the_daemons_own_environment(tmp_path):
+    """As under systemd: the console script by its full venv path, PATH without the venv's bin."""
+    f = tmp_path / "policy.yaml"
+    f.write_text('worker: {command: [uvicorn, app:app, --uds, "{socket}"]}\n')
+    assert shutil.which("uvicorn", path="/usr/bin:/bin") is None
+    r = subprocess.run([str(Path(sys.executable).with_name("gpu-supervisor")), "check-config", str(f)],
+                       capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+
+
+# -- a closed stdout ---------------------------------------------------------------------------
+
+def run_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    """Run the CLI with its stdout a pipe whose reader is already gone (`... | head` that exited)."""
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)
+    try:
+        return subprocess.run([sys.executable, "-m", "supervisor", *args], stdout=w_fd, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(w_fd)
+
+
+@pytest.mark.parametrize("args", [("check-config", str(Path(__file__).parents[1] / "configs" / "example.yaml")),
+                                  ("schema",)])
+def test_a_printing_command_ends_quietly_when_its_reader_is_gone(args):
+    r = run_into_closed_pipe(*args)
+    assert r.stderr == ""
+    assert r.returncode == 128 + signal.SIGPIPE
+
+
+def test_every_policy_snippet_in_the_readme_is_valid():
+    """The README's YAML blocks are what users paste first: each one must load as printed."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 5, "the README shows policies as ```yaml blocks"
+    for text in blocks:
+        try:
+            cfg.parse(text, "README.md")
+        except cfg.ConfigError as exc:
+            raise AssertionError(f"README snippet does not load:\n{text}\n{exc.problems}") from None

@@ -230,6 +230,8 @@ async def test_scale_up_and_down_by_sighup_without_a_failed_request(supervisor_f
         await wait_until(lambda: _serving(sp, "m", 3), 15, "scaled up to 3")
         reps = await _replicas(sp, "m")
         assert reps[0]["pid"] == first_pid  # the unchanged replica kept running
+        ev = await sp.wait_log("config_reloaded", timeout=10)
+        assert ev["worker_replaced"] is False and ev["replicas_added"] == ["m/1", "m/2"], ev
         down = copy.deepcopy(cfg)
         down["workers"]["m"]["replicas"] = 1
         del down["workers"]["other"]
@@ -239,6 +241,10 @@ async def test_scale_up_and_down_by_sighup_without_a_failed_request(supervisor_f
         await wait_until(lambda: not pid_alive(other_pid), 10, "removed worker stopped")
         assert "other" not in (await sp.status())["workers"]
         assert (await _replicas(sp, "m"))[0]["pid"] == first_pid
+        # replicas only removed: the log says so, and not that a worker was replaced
+        ev = await sp.wait_log("config_reloaded", timeout=10, count=2)
+        assert ev["worker_replaced"] is False, ev
+        assert ev["workers_removed"] == ["other"] and sorted(ev["replicas_retired"]) == ["m/1", "m/2", "other/0"]
         await wait_until(lambda: sum(codes.values()) > 50, 10, "traffic")
     finally:
         stop.set()
@@ -273,6 +279,8 @@ async def test_changed_worker_is_replaced_one_replica_at_a_time(supervisor_facto
     new["workers"]["m"]["env"] = {"GEN": "two"}
     sp.write_config(new)
     sp.signal(signal.SIGHUP)
+    ev = await sp.wait_log("config_reloaded", timeout=10)
+    assert ev["worker_replaced"] is True and ev["replicas_replaced"] == ["m/0", "m/1"], ev
     await wait_until(lambda: _all_new(sp, old), 20, "both replaced")
     done.set()
     await w
@@ -329,3 +337,48 @@ async def test_uvicorn_and_gunicorn_as_two_workers_of_one_fleet(supervisor_facto
     st = await sp.status()
     assert st["workers"]["fast"]["replicas"][0]["restarts"] == 1
     assert st["workers"]["flask"]["replicas"][0]["restarts"] == 0
+
+
+async def test_an_unknown_model_is_refused_not_sent_to_a_worker_that_lists_none(supervisor_factory):
+    # configs/fleet.yaml's shape: a model service beside a FastAPI extractor that has no GET /v1/models
+    cfg = fleet_config({
+        "extract": {"command": list(UVICORN_COMMAND)},
+        "chat": {**ctl("chat"), "models": ["llama-8b"]},
+    })
+    sp = await supervisor_factory(cfg)
+    async with sp.session.post("/v1/echo", json={"model": "gpt-5"}) as r:
+        assert r.status == 404
+        err = (await r.json())["error"]
+    assert err["type"] == "model_not_found" and "llama-8b" in err["message"]
+    async with sp.session.post("/v1/echo", json={"model": "llama-8b"}) as r:
+        assert r.status == 200 and r.headers["X-Worker-Name"] == "chat"
+    async with sp.session.post("/v1/echo", json={"input": "no model named"}) as r:
+        assert r.status == 200 and (await r.json())["json"] == {"input": "no model named"}  # the first worker
+
+
+async def test_a_request_for_a_worker_waiting_for_gpu_room_is_told_so(supervisor_factory):
+    # two on-demand workers on one GPU with room for one (gpu.budget_mb, as on a host without NVML)
+    def on_demand(name: str) -> dict:
+        return {**ctl(name), "models": [name], "gpus": [0], "start": "on_demand", "gpu_memory_mb": 600,
+                "min_resident_s": 0}
+
+    cfg = fleet_config({"a": on_demand("a"), "b": on_demand("b")},
+                       gpu={"budget_mb": {0: 1000}, "settle_timeout_s": 0.5})
+    sp = await supervisor_factory(cfg)
+    busy = asyncio.create_task(sp.session.post("/v1/echo?delay=3", json={"model": "a"}))
+
+    async def a_busy() -> bool:
+        return (await _replicas(sp, "a"))[0]["inflight"] > 0
+
+    await wait_until(a_busy, 15, "a started and busy")
+    # a is busy, so never evicted: b waits for its room, then its request runs out of time
+    async with sp.session.post("/v1/echo", json={"model": "b"}, headers={"X-Request-Timeout": "0.5"}) as r:
+        assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+        err = (await r.json())["error"]
+    assert err["type"] == "worker_unavailable"
+    msg = err["message"]
+    assert msg.startswith("worker b is waiting for GPU room: it needs 600 MiB on GPU 0"), msg
+    assert "400 of 1000 MiB are free" in msg and "a/0" in msg
+    first = await busy
+    assert first.status == 200
+    first.release()

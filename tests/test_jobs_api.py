@@ -167,7 +167,10 @@ async def test_failed_job_result_answers_its_error(client) -> None:
     async def status(jid):
         return (await (await client.get(f"/jobs/{jid}")).json())["status"]
 
-    await wait_until(lambda: _eq(status(job["id"]), "succeeded"), what="answered", timeout=10)
+    await wait_until(lambda: _eq(status(job["id"]), "failed"), what="answered", timeout=10)  # an error answer
+    done = await (await client.get(f"/jobs/{job['id']}")).json()
+    assert done["error"]["type"] == "worker_status" and "405" in done["error"]["message"]  # not OpenAI-shaped
+    assert done["result"]["status"] == 405
     res = await client.get(f"/jobs/{job['id']}/result")
     assert res.status == 405                                   # the worker's answer, as it gave it
     await wait_until(lambda: _eq(status(crash["id"]), "failed"), what="crash failed", timeout=20)

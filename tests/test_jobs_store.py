@@ -21,6 +21,7 @@ from supervisor.jobs.model import (
     after_failure,
     after_interruption,
     iso,
+    worker_error,
 )
 from supervisor.jobs.settings import (
     JobsSettings,
@@ -38,10 +39,10 @@ TTL = 60.0
 
 
 def req(method: str = "POST", target: str = "/v1/x?a=1", body: bytes = b'{"n": 1}', key: str | None = None,
-        retry_safe: bool = False, created_at: float = T0) -> JobRequest:
+        retry_safe: bool = False, created_at: float = T0, client: str | None = None) -> JobRequest:
     return JobRequest(id=uuid.uuid4().hex, method=method, target=target, headers=(("Content-Type", "application/json"),
                       ("X-Trace", "t1")), body=body, priority="high", deadline_at=None, retry_safe=retry_safe,
-                      worker="chat", fairness_key=None, idempotency_key=key, created_at=created_at)
+                      worker="chat", fairness_key=client, idempotency_key=key, created_at=created_at)
 
 
 def new_job(r: JobRequest) -> Job:
@@ -128,6 +129,22 @@ def test_after_interruption_decisions() -> None:
     assert after_interruption(True, 1, 3) is Decision.RETRY
     assert after_interruption(False, 1, 3) is Decision.FAIL
     assert after_interruption(True, 3, 3) is Decision.DEAD_LETTER
+
+
+def test_worker_error_of_an_answer() -> None:
+    """An answer >= 400 is the job's error: OpenAI's error type and message, else `worker_status`."""
+    openai = b'{"error": {"message": "too long", "type": "invalid_request_error", "param": "prompt", ' \
+             b'"code": "context_length_exceeded"}}'
+    assert worker_error(JobResult(200, "application/json", openai)) is None
+    assert worker_error(JobResult(302, None, b"")) is None
+    assert worker_error(JobResult(400, "application/json", openai)) == JobError("invalid_request_error", "too long")
+    vllm = b'{"object": "error", "type": "BadRequestError", "message": "m", "code": 400}'
+    assert worker_error(JobResult(400, "application/json; charset=utf-8", vllm)) == JobError("BadRequestError", "m")
+    assert worker_error(JobResult(404, "application/json", b'{"detail": "Not Found"}')) == JobError(
+        "worker_status", 'the worker answered 404: {"detail": "Not Found"}')
+    assert worker_error(JobResult(500, "text/plain", b"")) == JobError("worker_status", "the worker answered 500")
+    assert worker_error(JobResult(503, "application/json", b"\xff[")).type == "worker_status"
+    assert worker_error(JobResult(422, "application/json", b'{"error": {"type": 5}}')).type == "worker_status"
 
 
 def test_job_json_and_expired_view() -> None:
@@ -257,6 +274,35 @@ async def test_list_pages_newest_first_and_filters(store) -> None:
     assert len(queued) == 6
     expired, _ = await store.list(JobStatus.EXPIRED, 10, None, T0 + TTL + 1)
     assert [j.id for j in expired] == [ids[0]]
+
+
+async def test_failed_by_an_error_answer_keeps_the_answer(store) -> None:
+    r = req()
+    await store.create(new_job(r), 10)
+    run = (await store.take(always, T0, 3, TTL)).job
+    answer = JobResult(400, "application/json", b'{"error": {"type": "invalid_request_error", "message": "m"}}')
+    done = await store.finish(run, JobStatus.FAILED, answer, worker_error(answer), T0 + 1, TTL)
+    assert done.status is JobStatus.FAILED and done.error == JobError("invalid_request_error", "m")
+    assert done.result.status == 400 and done.result.bytes == len(answer.body)
+    got = await store.get_result(r.id)
+    assert (got.status, got.content_type, got.body) == (400, "application/json", answer.body)
+    assert [j.id for j in (await store.list(JobStatus.FAILED, 10, None, T0 + 2))[0]] == [r.id]
+
+
+async def test_list_by_client_key(store) -> None:
+    mine = [req(client="k-a") for _ in range(3)]
+    theirs = [req(client="k-b"), req(), req(client="anonymous")]
+    for r in (*mine, *theirs):
+        await store.create(new_job(r), 100)
+    seen, cursor = [], None
+    while True:
+        page, cursor = await store.list(None, 2, cursor, T0, "k-a")
+        seen += [j.id for j in page]
+        if cursor is None:
+            break
+    assert seen == [r.id for r in reversed(mine)]
+    assert [j.id for j in (await store.list(JobStatus.QUEUED, 10, None, T0, "k-b"))[0]] == [theirs[0].id]
+    assert len((await store.list(None, 10, None, T0))[0]) == 6            # no key: every job
 
 
 async def test_requeue_runs_again_with_attempts_counted(store) -> None:

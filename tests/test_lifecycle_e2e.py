@@ -254,3 +254,18 @@ async def test_a_sized_answer_cut_by_death_not_safe_to_repeat_is_a_typed_502(sup
     async with sp.session.get(f"/crash-mid-body?bytes=100000&marker={tmp_path / 'm'}") as r:
         assert r.status == 502
         assert (await r.json())["error"]["type"] == "worker_crashed"
+
+
+async def test_a_worker_started_again_is_never_logged_with_the_pid_of_the_one_before(supervisor_factory):
+    """The `unloaded -> starting` line names no process (none runs yet), not the one stopped before."""
+    cfg = fast_config(worker={"start": "on_demand", "models": ["m"], "idle_unload_s": 0.3})
+    sp = await supervisor_factory(cfg, wait_ready=False)
+    pids = []
+    for _ in range(2):
+        status, body = await _get_json(sp, "/pid")
+        assert status == 200
+        pids.append(body["pid"])
+        await sp.wait_worker(lambda w: w["state"] == "unloaded", what="unloaded when idle")
+    assert pids[0] != pids[1]
+    starts = sp.events("worker_state", old="unloaded", new="starting")
+    assert len(starts) == 2 and [e["worker_pid"] for e in starts] == [None, None]

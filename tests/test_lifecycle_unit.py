@@ -96,3 +96,12 @@ def test_crash_loop_counts_only_the_window():
     assert not in_crash_loop(failures, 11.5, 10.0, 3)  # the first two left the window
     assert crash_loop_clears_at(failures, 10.0, 3) == 10.0
     assert crash_loop_clears_at([5.0], 10.0, 3) == 0.0
+
+
+def test_the_readme_lists_every_exit_reason():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("Exit reasons:")
+    listed = readme[start:readme.index("\n- ", start)]
+    assert [r.value for r in ExitReason if f"`{r.value}`" not in listed] == []

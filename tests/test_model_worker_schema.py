@@ -156,6 +156,15 @@ REQUIRED_NULLABLE: dict[type[pydantic.BaseModel], frozenset[str]] = {
     Completion: frozenset({"system_fingerprint"}),
     CompletionChunk: frozenset({"system_fingerprint"}),
 }
+# Fields that OpenAI's OpenAPI spec types as non-nullable (`type: string`, optional but never null) where
+# the SDK's models say `Optional[...] = None`: strict validation alone lets a null through. A null here is
+# a schema error (a client generated from the spec refuses it).
+NOT_NULLABLE: dict[type[pydantic.BaseModel], frozenset[str]] = {
+    ChatCompletion: frozenset({"system_fingerprint"}),              # CreateChatCompletionResponse
+    ChatCompletionChunk: frozenset({"system_fingerprint"}),         # CreateChatCompletionStreamResponse
+    Completion: frozenset({"system_fingerprint"}),                  # CreateCompletionResponse
+    CompletionChunk: frozenset({"system_fingerprint"}),
+}
 
 
 def _models_in(annotation: Any) -> list[type[pydantic.BaseModel]]:
@@ -169,7 +178,8 @@ def _models_in(annotation: Any) -> list[type[pydantic.BaseModel]]:
 
 
 def missing_fields(raw: Any, model: type[pydantic.BaseModel], where: str) -> list[str]:
-    """Paths of the required fields absent from the raw JSON `raw`, read as a `model`, recursively."""
+    """Paths of the required fields absent from the raw JSON `raw`, read as a `model`, recursively, and
+    of the non-nullable ones sent as null (marked `=null`)."""
     if not isinstance(raw, dict):
         return []  # a wrong type is strict validation's to report
     missing = []
@@ -178,6 +188,9 @@ def missing_fields(raw: Any, model: type[pydantic.BaseModel], where: str) -> lis
         if key not in raw:
             if field.is_required() or name in REQUIRED_NULLABLE.get(model, ()):
                 missing.append(f"{where}.{key}")
+            continue
+        if raw[key] is None and name in NOT_NULLABLE.get(model, ()):
+            missing.append(f"{where}.{key}=null")
             continue
         inner = _models_in(field.annotation)
         if len(inner) != 1:
@@ -254,7 +267,7 @@ def assert_answer(answer: Answer, path: str, body: dict[str, Any]) -> None:
 # ---- the schema checker itself --------------------------------------------------------------------
 
 def test_schema_check_catches_a_missing_nullable_field() -> None:
-    good = {"id": "c", "object": "chat.completion", "created": 1, "model": "m", "system_fingerprint": None,
+    good = {"id": "c", "object": "chat.completion", "created": 1, "model": "m", "system_fingerprint": "fp_1",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "x", "refusal": None},
                          "logprobs": None, "finish_reason": "stop"}]}
     assert_schema(good, ChatCompletion)
@@ -264,6 +277,17 @@ def test_schema_check_catches_a_missing_nullable_field() -> None:
     assert missing_fields(no_refusal, ChatCompletion, "r") == ["r.choices[0].message.refusal"]  # ...this does not
     with pytest.raises(pydantic.ValidationError):
         assert_schema({**good, "created": "1"}, ChatCompletion)
+
+
+@pytest.mark.parametrize(("model", "object_"), [
+    (ChatCompletion, "chat.completion"), (ChatCompletionChunk, "chat.completion.chunk"),
+    (Completion, "text_completion"), (CompletionChunk, "text_completion"),
+])
+def test_schema_check_catches_a_null_system_fingerprint(model: type[pydantic.BaseModel], object_: str) -> None:
+    """OpenAI's spec types `system_fingerprint` as a string; the SDK's `Optional[str]` lets null through."""
+    raw = {"id": "c", "object": object_, "created": 1, "model": "m", "choices": [], "system_fingerprint": None}
+    model.model_validate(raw, strict=True)  # the SDK alone accepts it...
+    assert missing_fields(raw, model, "r") == ["r.system_fingerprint=null"]  # ...this does not
 
 
 # ---- every parameter is decided --------------------------------------------------------------------
@@ -661,6 +685,9 @@ def test_chat_answer_has_every_required_field(gen: Worker, tiny_dir: Path) -> No
     message = answer["choices"][0]["message"]
     assert "refusal" in message and message["refusal"] is None
     assert answer["model"] == tiny_dir.name and answer["usage"]["completion_tokens"] <= 3
+    # a string naming the backend (model files and settings), the same in every answer and in /healthz
+    assert answer["system_fingerprint"].startswith("fp_")
+    assert answer["system_fingerprint"] == health(gen)["system_fingerprint"]
 
 
 def test_streamed_chat_chunks_have_every_required_field(gen: Worker) -> None:
@@ -678,6 +705,7 @@ def test_completion_answers_have_every_required_field(gen: Worker) -> None:
     assert_schema(post(gen, "/v1/completions", body).json(), Completion)
     chunks = assert_stream(post(gen, "/v1/completions", {**body, "stream": True}), CompletionChunk)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert {c["system_fingerprint"] for c in chunks} == {health(gen)["system_fingerprint"]}
 
 
 def test_embedding_answers_have_every_required_field(emb: Worker) -> None:

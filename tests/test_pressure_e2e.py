@@ -231,22 +231,32 @@ async def test_max_requests_recycle_drains_and_loses_nothing(supervisor_factory)
 
 
 async def test_host_pressure_from_real_memory_pauses_and_cleanup_frees_it(supervisor_factory):
-    vm = psutil.virtual_memory()
-    base = (vm.total - vm.available) / vm.total
-    # thresholds just above what the machine uses now; the worker then really allocates past them
-    soft, hard = base + 0.03, base + 0.045
-    leak_mb = int(0.07 * vm.total / (1 << 20))
-    sp = await supervisor_factory(fast_config(
+    policy = fast_config(
         # touching 1.7 GB of pages keeps the worker busy a while: no hang verdict for that
         worker={"health": {"interval_s": 1, "timeout_s": 10, "failures": 3}},
-        gpu={"poll_interval_s": 0.1, "actions": {"hard": {"pause": True, "cleanup": True},
-                                                 "critical": {"restart_after_s": None}}},
-        host={"thresholds": {"soft": round(soft, 4), "hard": round(hard, 4), "critical": 0.999}}))
+        gpu={"poll_interval_s": 0.1, "hysteresis": 0.005,
+             "actions": {"hard": {"pause": True, "cleanup": True}, "critical": {"restart_after_s": None}}})
+    sp = await supervisor_factory(policy)
+    # thresholds just above what the machine uses now, the daemon and its worker running (measured after
+    # they started: their own memory is part of the base); the worker then really allocates past them
+    # (some VMs count freed pages as available again only slowly: an earlier test's memory may still be
+    # coming back; the base is read once the figure holds still)
+    await wait_until(_host_memory_settled, 180, "host memory use to hold still")
+    vm = psutil.virtual_memory()
+    base = (vm.total - vm.available) / vm.total
+    policy["host"] = {"thresholds": {"soft": round(base + 0.015, 4), "hard": round(base + 0.025, 4),
+                                     "critical": 0.999}}
+    sp.write_config(policy)
+    sp.signal(signal.SIGHUP)
+    await sp.wait_log("config_reloaded", timeout=20)
+    leak_mb = int(0.07 * vm.total / (1 << 20))
     async with sp.session.get(f"/leak?mb={leak_mb}") as r:
         assert r.status == 200
     # hard: dispatch paused and the worker's /cleanup called; the worker frees its memory, the level falls
+    # (as fast as the kernel counts freed pages as available again: at once on most machines, tens of
+    # seconds on some VMs that hand memory back lazily)
     await sp.wait_log("worker_cleanup", timeout=20)
-    ev = await sp.wait_log("pressure_level", new="ok", timeout=20)
+    ev = await sp.wait_log("pressure_level", new="ok", timeout=180)
     assert ev["old"] in ("hard", "soft")
     hard_events = sp.events("pressure_level", new="hard")
     assert hard_events, sp.events("pressure_level")
@@ -256,6 +266,15 @@ async def test_host_pressure_from_real_memory_pauses_and_cleanup_frees_it(superv
                                      sp.events("worker_cleanup"))
     async with sp.session.get("/memory") as r:
         assert (await r.json())["leaked_bytes"] == 0
+
+
+async def _host_memory_settled() -> bool:
+    def used() -> float:
+        vm = psutil.virtual_memory()
+        return (vm.total - vm.available) / vm.total
+    before = used()
+    await asyncio.sleep(1.0)  # (a rate is measured over time: the condition itself is "over one second")
+    return before - used() < 0.002
 
 
 async def test_cpu_fallback_after_oom_restarts_and_reload_returns(supervisor_factory):

@@ -102,7 +102,7 @@ def fleet_config() -> dict:
     lifecycle = {k: v for k, v in base.pop("worker").items() if k != "command"}
     base["worker_defaults"] = lifecycle
     base["workers"] = {"chat": {"command": ctl_command("--name", "chat"), "replicas": 2},
-                       "embed": {"command": ctl_command("--name", "embed"), "start": "on_demand"}}
+                       "embed": {"command": ctl_command("--name", "embed"), "models": ["embed"], "start": "on_demand"}}
     return base
 
 

@@ -293,7 +293,7 @@ async def test_chromium_fleet_replica_states_and_exits(supervisor_factory):
     base = fast_config()
     base["worker_defaults"] = {k: v for k, v in base.pop("worker").items() if k != "command"}
     base["workers"] = {"chat": {"command": ctl_command("--name", "chat"), "replicas": 2},
-                       "embed": {"command": ctl_command("--name", "embed"), "start": "on_demand"}}
+                       "embed": {"command": ctl_command("--name", "embed"), "models": ["embed"], "start": "on_demand"}}
     sup = await supervisor_factory(base)
     victim = (await sup.status())["workers"]["chat"]["replicas"][0]["pid"]
     os.kill(victim, signal.SIGKILL)

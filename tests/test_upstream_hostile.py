@@ -263,3 +263,23 @@ async def test_a_slow_reader_is_progress_not_silence(pool):
     assert b"".join(parts) == b"x" * (4 * MIB)
     assert not conn.reading_paused and pool.silent_for(time.monotonic()) is None
     pool.put(conn)
+
+
+async def test_closing_the_pool_fails_the_exchanges_still_waiting(pool):
+    """An incarnation's pool is closed once its worker exited, maybe before the kernel's reset of its
+    connections reached the event loop: an exchange still waiting (for the head, for the body) fails at
+    once as a reset, never waits for an answer that cannot come (a client's request stuck until it gave up)."""
+    unanswered, _ = await pool.get()
+    head_wait = unanswered.start(b"POST /ok HTTP/1.1\r\nHost: worker\r\nContent-Length: 10\r\n\r\n", None, False)
+    streaming, _ = await pool.get()
+    await streaming.start(head("/drip?tag=pool-close"), b"", False)
+    assert await streaming.read() == b"a"
+    body_wait = asyncio.ensure_future(streaming.read())
+    pool.close()
+    async with asyncio.timeout(10):
+        with pytest.raises(UpstreamError) as nothing_came:
+            await head_wait
+        with pytest.raises(UpstreamError) as cut:
+            await body_wait
+    assert nothing_came.value.kind == "reset" and not nothing_came.value.started
+    assert cut.value.kind == "reset" and cut.value.started

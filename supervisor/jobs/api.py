@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from ..errors import ERROR_TYPES, error_response
+from ..fairness import ANONYMOUS
 from .manager import CallbackRefused, JobManager, new_job_id
 from .model import Job, JobRequest, JobStatus
 from .store import Conflict, Full, StoreUnavailable
@@ -100,11 +102,41 @@ def _job_id(request: web.BaseRequest) -> str:
     return request.path.split("/")[2]
 
 
-class JobsApi:
-    """Handlers for GET/DELETE /jobs/{id}, GET /jobs/{id}/result and GET /jobs."""
+@dataclass(frozen=True)
+class Caller:
+    """Who asks the jobs API, as the daemon sees it: the admin token, the client key (queue.fairness.key)."""
 
-    def __init__(self, manager: JobManager):
+    admin: bool = False              # presented the admin token (admin.token_file)
+    key: str | None = None           # the caller's hashed client key; None when queue.fairness.key is off
+    token_required: bool = False     # admin.token_file is set
+
+    def may_see(self, job: Job) -> bool:
+        """A job's id (unguessable) is enough to read or cancel it, unless the job was submitted with a
+        client key and the caller has another one: then it is not there for them (404), unless admin."""
+        owner = job.request.fairness_key
+        return self.admin or self.key is None or owner is None or owner == ANONYMOUS or owner == self.key
+
+    def listing(self) -> tuple[bool, str | None]:
+        """(allowed, key) for GET /jobs: the admin sees every job; with client keys, a caller its own key's
+        (requests without the key's header share the key `anonymous`: with an admin token configured,
+        that is no identity, 401); else every job, unless an admin token is configured (401)."""
+        if self.admin:
+            return True, None
+        if self.key is not None and (self.key != ANONYMOUS or not self.token_required):
+            return True, self.key
+        return not self.token_required, None
+
+
+OPEN = Caller()  # no admin token, no client keys: every job is everyone's
+
+
+class JobsApi:
+    """Handlers for GET/DELETE /jobs/{id}, GET /jobs/{id}/result and GET /jobs; `caller` says who asks
+    (the daemon's admin token and client key), and so which jobs are theirs to see."""
+
+    def __init__(self, manager: JobManager, caller: Callable[[web.BaseRequest], Caller] | None = None):
         self.manager = manager
+        self._caller = caller or (lambda _request: OPEN)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -128,13 +160,18 @@ class JobsApi:
                               "/jobs/{id}, GET /jobs/{id}/result", _request_id(request))
 
     async def get_job(self, request: web.Request) -> web.Response:
-        return await self._job_answer(request, self.manager.get)
+        return await self._job_answer(request, cancel=False)
 
-    async def _job_answer(self, request: web.BaseRequest, op) -> web.Response:
-        """`op(id)` (get, cancel) answered as the job's JSON, 404 unknown, 503 store down."""
+    async def _job_answer(self, request: web.BaseRequest, cancel: bool) -> web.Response:
+        """The job's JSON (after cancelling it, for DELETE); 404 unknown or not the caller's; 503 store down."""
         rid = _request_id(request)
+        job_id = _job_id(request)
         try:
-            job = await op(_job_id(request))
+            job = await self.manager.get(job_id)
+            if job is not None and not self._caller(request).may_see(job):
+                job = None
+            if job is not None and cancel:
+                job = await self.manager.cancel(job_id)
         except StoreUnavailable as exc:
             return error_response("jobs_unavailable", f"the job store is unavailable: {exc}", rid, 5)
         if job is None:
@@ -142,8 +179,9 @@ class JobsApi:
         return _json(job.to_json(self.manager.now()))
 
     async def get_result(self, request: web.Request) -> web.Response:
-        """The worker's answer as given; 202 + Retry-After while pending; 404 unknown or expired; a failed
-        or cancelled job answers its error (status from the daemon's error table)."""
+        """The worker's answer as given (a job failed by the worker's error answer included, with its
+        status); 202 + Retry-After while pending; 404 unknown or expired; a job that failed without an
+        answer, or was cancelled, answers its error (status from the daemon's error table, 410 cancelled)."""
         rid = _request_id(request)
         job_id = _job_id(request)
         try:
@@ -151,15 +189,15 @@ class JobsApi:
         except StoreUnavailable as exc:
             return error_response("jobs_unavailable", f"the job store is unavailable: {exc}", rid, 5)
         now = self.manager.now()
-        if job is None:
+        if job is None or not self._caller(request).may_see(job):
             return error_response("not_found", f"no job {job_id!r}", rid)
         status = job.view_status(now)
         if status in (JobStatus.QUEUED, JobStatus.RUNNING):
             return _json(job.to_json(now), 202, {"Retry-After": str(PENDING_RETRY_AFTER_S),
                                                   "Location": f"/jobs/{job_id}"})
-        if status is JobStatus.EXPIRED or (status is JobStatus.SUCCEEDED and result is None):
+        if status is JobStatus.EXPIRED or (job.result is not None and result is None):
             return error_response("not_found", f"the result of job {job_id!r} has expired", rid)
-        if status is JobStatus.SUCCEEDED and result is not None:
+        if result is not None:  # succeeded, or failed with the worker's error answer: as the worker gave it
             hdrs = {"X-Request-ID": rid}
             resp = web.Response(status=result.status, body=result.body, headers=hdrs)
             if result.content_type:
@@ -172,10 +210,16 @@ class JobsApi:
         return _json(body, code, {"X-Request-ID": rid})
 
     async def delete_job(self, request: web.Request) -> web.Response:
-        return await self._job_answer(request, self.manager.cancel)
+        return await self._job_answer(request, cancel=True)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         rid = _request_id(request)
+        allowed, key = self._caller(request).listing()
+        if not allowed:
+            return error_response("unauthorized", "GET /jobs lists every job with Authorization: Bearer "
+                                  "<admin.token_file token>, or the caller's own jobs by its client key "
+                                  "(queue.fairness.key); a job's id alone reads that job", rid,
+                                  headers={"WWW-Authenticate": "Bearer"})
         raw_status = request.query.get("status") or None
         status = None
         if raw_status is not None:
@@ -190,7 +234,7 @@ class JobsApi:
         except _BadQuery as exc:
             return error_response("bad_request", str(exc), rid)
         try:
-            jobs, nxt = await self.manager.list(status, limit, cursor)
+            jobs, nxt = await self.manager.list(status, limit, cursor, key)
         except StoreUnavailable as exc:
             return error_response("jobs_unavailable", f"the job store is unavailable: {exc}", rid, 5)
         now = self.manager.now()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +28,7 @@ from .model import (
     after_failure,
     after_interruption,
     retry_backoff_s,
+    worker_error,
 )
 from .settings import JobsSettings
 from .store import JobStore, StoreUnavailable
@@ -61,7 +62,9 @@ class _Running:
 
 
 def new_job_id() -> str:
-    return uuid.uuid4().hex
+    """128 bits from the OS's CSPRNG, as 32 hex digits: the id alone lets its holder read and cancel
+    the job, so it must be unguessable (not a counter, not a time)."""
+    return secrets.token_hex(16)
 
 
 class JobManager:
@@ -103,8 +106,11 @@ class JobManager:
         return await self._store(self.store.get(job_id))
 
     async def result(self, job_id: str) -> tuple[Job | None, JobResult | None]:
+        """The job and the worker's answer: a succeeded job's, or a failed one's when the worker answered
+        (an error status); None while pending, after expiry, or when it failed without an answer."""
         job = await self._store(self.store.get(job_id))
-        if job is None or job.view_status(self._clock()) is not JobStatus.SUCCEEDED:
+        if job is None or job.result is None or job.view_status(self._clock()) not in (JobStatus.SUCCEEDED,
+                                                                                      JobStatus.FAILED):
             return job, None
         return job, await self._store(self.store.get_result(job_id))
 
@@ -121,9 +127,10 @@ class JobManager:
         return job
 
     async def list(self, status: JobStatus | None = None, limit: int = 100,
-                   cursor: int | None = None) -> tuple[list[Job], int | None]:
+                   cursor: int | None = None, key: str | None = None) -> tuple[list[Job], int | None]:
+        """Newest first; with `key`, only the jobs submitted with that (hashed) client key."""
         limit = max(1, min(limit, MAX_LIST_LIMIT))
-        return await self._store(self.store.list(status, limit, cursor, self._clock()))
+        return await self._store(self.store.list(status, limit, cursor, self._clock(), key))
 
     def now(self) -> float:
         return self._clock()
@@ -234,7 +241,9 @@ class JobManager:
             if len(result.body) > s.max_result_bytes:
                 raise JobFailed("result_too_large", f"the answer has {len(result.body)} bytes; "
                                 f"jobs.max_result_bytes is {s.max_result_bytes}")
-            await self._finish(job, JobStatus.SUCCEEDED, result, None)
+            # an error answer (>= 400) ends the job `failed` with the worker's error; the answer is kept
+            err = worker_error(result)
+            await self._finish(job, JobStatus.SUCCEEDED if err is None else JobStatus.FAILED, result, err)
         except JobFailed as exc:
             await self._failed(job, exc)
         except asyncio.CancelledError:

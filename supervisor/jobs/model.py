@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -160,6 +161,34 @@ def iso(t: float | None) -> str | None:
     if t is None:
         return None
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+WORKER_STATUS = "worker_status"   # a worker's error answer (>= 400) without an OpenAI-shaped error
+_ERROR_TEXT_MAX = 1000            # characters of a worker's error message kept on the job
+
+
+def worker_error(result: JobResult) -> JobError | None:
+    """The error a worker's answer reports, or None for a success (< 400). An OpenAI-shaped error body
+    (`{"error": {"type", "message", ...}}`) gives its type and message; any other answer is
+    `worker_status`, naming the status and the answer's first characters (the answer itself stays at
+    /result). vLLM's older flat shape (`{"object": "error", "type", "message"}`) counts as OpenAI's."""
+    if result.status < 400:
+        return None
+    err = None
+    if result.content_type is None or "json" in result.content_type.lower():
+        try:
+            body = json.loads(result.body)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, absurdly nested
+            body = None
+        if isinstance(body, dict):
+            err = body if body.get("object") == "error" else body.get("error")
+    etype = err.get("type") if isinstance(err, dict) else None
+    if isinstance(etype, str) and etype:
+        msg = err.get("message")
+        text = msg if isinstance(msg, str) and msg else f"the worker answered {result.status}"
+        return JobError(etype[:100], text[:_ERROR_TEXT_MAX])
+    head = result.body[:200].decode("utf-8", "replace").strip()
+    return JobError(WORKER_STATUS, f"the worker answered {result.status}" + (f": {head}" if head else ""))
 
 
 class Decision(enum.StrEnum):

@@ -53,8 +53,9 @@ class JobStore(Protocol):
     async def get_result(self, job_id: str) -> JobResult | None: ...
 
     async def list(self, status: JobStatus | None, limit: int, cursor: int | None,
-                   now: float) -> tuple[list[Job], int | None]:
-        """Newest first; the cursor for the next page, or None on the last one."""
+                   now: float, key: str | None = None) -> tuple[list[Job], int | None]:
+        """Newest first, only the jobs submitted with client key `key` when given; the cursor for the
+        next page, or None on the last one."""
         ...
 
     async def take(self, fits: Callable[[JobRequest], bool], now: float, max_attempts: int,

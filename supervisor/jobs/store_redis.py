@@ -241,7 +241,7 @@ class RedisJobStore:
         return JobResult(int(h[b"status"]), _s(h.get(b"content_type")) or None, bytes(h.get(b"body", b"")))
 
     async def list(self, status: JobStatus | None, limit: int, cursor: int | None,
-                   now: float) -> tuple[list[Job], int | None]:
+                   now: float, key: str | None = None) -> tuple[list[Job], int | None]:
         out: list[Job] = []
         top = f"({cursor}" if cursor is not None else "+inf"
         for _ in range(LIST_SCAN_MAX):
@@ -263,7 +263,8 @@ class RedisJobStore:
                 if not h:
                     continue            # expired record; cleanup drops it from the index
                 job = _job(h)
-                if status is None or job.view_status(now) is status:
+                mine = key is None or job.request.fairness_key == key
+                if mine and (status is None or job.view_status(now) is status):
                     out.append(job)
                     if len(out) == limit:
                         return out, job.seq

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires_at);
+CREATE INDEX IF NOT EXISTS jobs_key_seq ON jobs (fairness_key, seq);
 """
 COLUMNS = ("seq, id, status, method, target, headers, priority, deadline_at, retry_safe, worker, fairness_key, "
            "idempotency_key, digest, callback_url, created_at, started_at, finished_at, expires_at, attempts, "
@@ -220,19 +221,22 @@ class SqliteJobStore:
 
     def _get_result(self, job_id: str) -> JobResult | None:
         row = self._conn().execute(
-            "SELECT result_status, result_content_type, result_body FROM jobs WHERE id = ? AND status = 'succeeded'"
-            " AND result_body IS NOT NULL", (job_id,)).fetchone()
+            "SELECT result_status, result_content_type, result_body FROM jobs WHERE id = ? "
+            "AND status IN ('succeeded', 'failed') AND result_body IS NOT NULL", (job_id,)).fetchone()
         if row is None:
             return None
         return JobResult(row["result_status"], row["result_content_type"], bytes(row["result_body"]))
 
     async def list(self, status: JobStatus | None, limit: int, cursor: int | None,
-                   now: float) -> tuple[list[Job], int | None]:
-        return await self._call(self._list, status, limit, cursor, now)
+                   now: float, key: str | None = None) -> tuple[list[Job], int | None]:
+        return await self._call(self._list, status, limit, cursor, now, key)
 
     def _list(self, status: JobStatus | None, limit: int, cursor: int | None,
-              now: float) -> tuple[list[Job], int | None]:
+              now: float, key: str | None) -> tuple[list[Job], int | None]:
         where, args = ["seq < ?"], [cursor if cursor is not None else 2**62]
+        if key is not None:
+            where.append("fairness_key = ?")
+            args.append(key)
         if status is JobStatus.EXPIRED:
             where.append("status IN ('succeeded', 'failed', 'cancelled') AND expires_at <= ?")
             args.append(now)

@@ -28,6 +28,20 @@ def echo() -> dict[str, Any]:
     return {"json": request.get_json(silent=True), "pid": os.getpid()}
 
 
+@app.get("/block")
+def block() -> dict[str, Any]:
+    """Hold the request `s` seconds after writing this process's pid to the file `marker` (a test kills
+    the process meanwhile); once the marker exists (a retry), answer at once."""
+    marker = request.args["marker"]
+    if os.path.exists(marker):
+        return {"pid": os.getpid(), "held": False}
+    with open(marker + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(marker + ".tmp", marker)
+    time.sleep(request.args.get("s", 60.0, type=float))  # the user's own blocking code (a model call)
+    return {"pid": os.getpid(), "held": True}
+
+
 @app.get("/stream")
 def stream() -> Response:
     n = request.args.get("n", 3, type=int)

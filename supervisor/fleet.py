@@ -407,6 +407,7 @@ class Fleet:
             old_spec, g.spec = g.spec, spec
             if spec.models != old_spec.models:
                 g.discovered = ()
+                g.models_read = False  # what it serves is asked again (below, or at its next start)
                 g.models_missing = None
                 serving = g.serving()
                 if serving:  # no restart follows (models is a fleet-level key): read them from it now

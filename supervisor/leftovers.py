@@ -82,10 +82,19 @@ def pid_file(state_dir: str, config_source: str) -> Path:
     return Path(state_dir) / f"workers-{digest}.json"
 
 
+def boot_id() -> str | None:
+    """This boot's id: start times count clock ticks since boot, so a record from another boot means nothing."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
 def write(path: Path, daemon_pid: int, workers: list[int]) -> None:
     """Record this daemon and its live workers (atomically: a crash mid-write leaves the old file)."""
     recs = [{"pid": p, "start": t} for p in workers if (t := start_time(p)) is not None]
-    data = {"daemon_pid": daemon_pid, "daemon_start": start_time(daemon_pid), "workers": recs}
+    data = {"boot_id": boot_id(), "daemon_pid": daemon_pid, "daemon_start": start_time(daemon_pid),
+            "workers": recs}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
@@ -102,8 +111,8 @@ def reap(path: Path, own_pid: int, why: str = "left running by a daemon that was
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
-    if not isinstance(data, dict):
-        return []
+    if not isinstance(data, dict) or data.get("boot_id") != boot_id():
+        return []  # written before a reboot: its pids and start times may name anything now
     dpid, dstart = data.get("daemon_pid"), data.get("daemon_start")
     if isinstance(dpid, int) and dpid != own_pid and _running(dpid, dstart):
         log.warning("predecessor_alive", daemon_pid=dpid, pid_file=str(path),

@@ -127,9 +127,13 @@ class RequestPath:
         self.models_changed()
 
     def models_changed(self) -> None:
-        """Whether routing reads the JSON body's `model`: a route names one, or a worker serves models, declared
-        or discovered. Kept in step by the fleet when discovery changes what is served, never asked per request."""
-        self._by_model = self._model_routes or bool(self.sup.fleet.served_models())
+        """Whether routing reads the JSON body's `model`: a route names one, a worker declares models, or
+        several workers serve models (declared or discovered: with one worker, every request goes to it
+        anyway, and the worker answers a name it does not know itself). Kept in step by the fleet when
+        discovery changes what is served, never asked per request."""
+        groups = self.sup.fleet.groups.values()
+        self._by_model = (self._model_routes or any(g.spec.models for g in groups)
+                          or (len(groups) > 1 and bool(self.sup.fleet.served_models())))
 
     def new_request_id(self) -> str:
         # unique per process start (random prefix) and cheap: no syscall per request
@@ -366,9 +370,10 @@ class RequestPath:
             outcome.fail()
             raise Rejected("timeout", "the job ran past its deadline") from None
         except UpstreamError as exc:
-            if await _died(inc, exc) or (_unanswered(exc) and call.attempt < call.max_attempts):
+            died = await _died(inc, exc)
+            if died or (_unanswered(exc) and call.attempt < call.max_attempts):
                 replica.breaker.release_probe()  # (as for a request: see _exchange)
-                raise _WorkerDied("worker_crashed", inc.requested is ExitReason.HANG) from None
+                raise _WorkerDied("worker_crashed" if died else "reset", inc.requested is ExitReason.HANG) from None
             outcome.fail()
             raise Rejected("worker_error", f"the worker gave no valid answer: {exc.detail}") from None
         except BaseException:
@@ -389,9 +394,11 @@ class RequestPath:
         elif call.model is not None:
             group = fleet.group_for_model(call.model)
             if group is None:
-                unknown = [g for g in fleet.groups.values() if not g.models_known]
+                # a worker whose models are not known yet (still starting) may serve this one; an on-demand
+                # one that declares none is started by its route alone, never by a name it may not know
+                unknown = [g for g in fleet.groups.values() if not g.models_known and g.spec.start == "eager"]
                 if unknown:
-                    group = unknown[0]  # its models are not known yet (not started): it may serve this one
+                    group = unknown[0]
                 else:
                     served = fleet.served_models()
                     raise Rejected("model_not_found", f"model {call.model!r} is not served here; "
@@ -598,7 +605,7 @@ class RequestPath:
                 # before any answer byte by a worker whose process lives on (its model process died under
                 # a master that lives on): tried again, counted once by its final outcome
                 replica.breaker.release_probe()
-                raise _WorkerDied("worker_crashed", inc.requested is ExitReason.HANG) from None
+                raise _WorkerDied("worker_crashed" if died else "reset", inc.requested is ExitReason.HANG) from None
             outcome.fail()
             raise Rejected("worker_error", f"the worker gave no valid answer: {exc.detail}") from None
         except BaseException:

@@ -93,13 +93,6 @@ def kernel_oom_kills() -> int:
     return total
 
 
-def _check_program(program: str, path: str | None, cwd: str | None) -> str:
-    """The absolute path of the program to exec: a bare name looked up on the worker's PATH, then in our
-    own environment's bin (check-config looks the same way). Raises FileNotFoundError/PermissionError
-    naming the program and where it looked: found before any fork, not by a child that fails later."""
-    return find_program(program, path, cwd)
-
-
 def counter_value(text: bytes, metric: str) -> float | None:
     """The sum of a metric's samples in Prometheus text (a `_total` suffix is tried too)."""
     names = {metric.encode(), (metric + "_total").encode()}
@@ -500,7 +493,9 @@ class WorkerManager:
     def _command(self, sock: str, path: str | None) -> list[str]:
         # {python} is the supervisor's own interpreter: handy when the worker lives in the same venv
         cmd = [part.replace("{socket}", sock).replace("{python}", sys.executable) for part in self.spec.command]
-        cmd[0] = _check_program(cmd[0], path, self.spec.cwd)  # (setpriv would only fail after the fork)
+        # the absolute path, found before any fork (setpriv would only fail after it); raises OSError naming
+        # the program and where it looked (check-config looks the same way)
+        cmd[0] = find_program(cmd[0], path, self.spec.cwd)
         if os.path.exists(SETPRIV):
             # the worker never outlives its daemon: SIGKILL when the daemon (its parent) dies
             cmd = [SETPRIV, "--pdeathsig", "KILL", "--", *cmd]

@@ -356,6 +356,17 @@ async def test_an_unknown_model_is_refused_not_sent_to_a_worker_that_lists_none(
         assert r.status == 200 and (await r.json())["json"] == {"input": "no model named"}  # the first worker
 
 
+async def test_one_worker_with_discovered_models_gets_every_model_name_itself(supervisor_factory):
+    # one server that lists one id but answers to any name (as TGI and llama.cpp's server do): with one
+    # worker the daemon does not refuse a name the list lacks, the worker decides
+    sp = await supervisor_factory(fleet_config({"llm": ctl("llm", "--models", "served-model")}))
+    async with sp.session.get("/v1/models") as r:
+        assert [m["id"] for m in (await r.json())["data"]] == ["served-model"]
+    for name in ("served-model", "gpt-3.5-turbo"):
+        async with sp.session.post("/v1/echo", json={"model": name}) as r:
+            assert r.status == 200 and r.headers["X-Worker-Name"] == "llm", name
+
+
 async def test_a_request_for_a_worker_waiting_for_gpu_room_is_told_so(supervisor_factory):
     # two on-demand workers on one GPU with room for one (gpu.budget_mb, as on a host without NVML)
     def on_demand(name: str) -> dict:

@@ -1,5 +1,6 @@
-"""Who sees a job, through the real daemon: the listing needs the admin token or lists the caller's own
-client key's jobs; a job's id reads it, unless the caller presents another client key (404).
+"""Who sees a job, through the real daemon: with an admin token the listing is the admin's, without one
+it lists the caller's own client key's jobs; a job's id reads it, unless the caller presents another
+client key (404); an Idempotency-Key is each client's own and never leads to another client's job.
 
 Real daemons (the policies a user writes: `admin.token_file`, `queue.fairness.key`), real ctl workers,
 the default SQLite job store.
@@ -73,7 +74,7 @@ async def test_with_an_admin_token_the_listing_needs_it_and_the_id_alone_reads_t
         assert r.status == 200 and (await r.text())
 
 
-async def test_with_client_keys_each_client_lists_and_reads_only_its_own_jobs(
+async def test_with_client_keys_each_client_reads_only_its_own_jobs_and_only_the_admin_lists(
         supervisor_factory, tmp_path: Path) -> None:
     sp = await supervisor_factory(fast_config(queue={"concurrency": 2, **FAIRNESS},
                                               admin={"token_file": _token_file(tmp_path)}))
@@ -84,10 +85,10 @@ async def test_with_client_keys_each_client_lists_and_reads_only_its_own_jobs(
     await wait_until(lambda: _eq(_status(sp, b_done, B), "succeeded"), 20, "b's job done")
     await wait_until(lambda: _eq(_status(sp, a_slow, A), "running"), 20, "a's slow job running")
 
-    assert await _listed(sp, A) == [a_slow, a_done]                          # newest first, a's only
-    assert await _listed(sp, B) == [b_done]
+    # with an admin token the listing is the admin's: a client key is a claim, not a credential
     assert sorted(await _listed(sp, ADMIN)) == sorted([a_done, a_slow, b_done])
-    _assert_unauthorized(*await _get(sp, "/jobs"))                          # neither a key nor the token
+    for who in (A, B, {}):
+        _assert_unauthorized(*await _get(sp, "/jobs", who))
 
     for job, tail, method in ((a_done, "", "GET"), (a_done, "/result", "GET"), (a_slow, "", "DELETE")):
         unknown = (await _get(sp, f"/jobs/{UNKNOWN}{tail}", B, method))[2]["error"]
@@ -110,10 +111,25 @@ async def test_with_client_keys_and_no_admin_token_anonymous_callers_list_only_a
     mine = await _submit(sp, "/hello", A)
     anon = await _submit(sp, "/hello", {})
     await wait_until(lambda: _eq(_status(sp, mine, A), "succeeded"), 20, "job done")
-    assert await _listed(sp, A) == [mine]
+    assert await _listed(sp, A) == [mine]                                   # no admin token: its own key's
     assert await _listed(sp, {}) == [anon]                                  # the shared `anonymous` key
     assert (await _get(sp, f"/jobs/{anon}", A))[0] == 200                   # an anonymous job: its id is enough
     assert (await _get(sp, f"/jobs/{mine}", {}))[0] == 404
+
+
+async def test_an_idempotency_key_is_each_clients_own_and_never_names_another_clients_job(
+        supervisor_factory, tmp_path: Path) -> None:
+    sp = await supervisor_factory(fast_config(queue=FAIRNESS, admin={"token_file": _token_file(tmp_path)}))
+    key = {"Idempotency-Key": "batch-2026-12-05"}
+    a_job = await _submit(sp, "/hello", {**A, **key})
+    # the same key from another client, same request or another: its own job, never a's
+    b_same = await _submit(sp, "/hello", {**B, **key})
+    b_other = await _submit(sp, "/hello?x=1", {**B, "Idempotency-Key": "other"})
+    assert len({a_job, b_same, b_other}) == 3
+    assert await _submit(sp, "/hello", {**A, **key}) == a_job                # a's own retry: a's own job
+    async with sp.session.get("/hello?x=2", headers={**ASYNC, **A, **key}) as r:  # a's key, another request
+        body = await r.text()
+        assert r.status == 422 and a_job not in body, body                   # refused without naming the job
 
 
 async def _eq(aw, want) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import shutil
@@ -204,7 +205,7 @@ async def test_idempotency_key(workdir: Path, worker: str) -> None:
         a, ca = await m.submit(jreq(headers=(("Idempotency-Key", "order-7"),)))
         b, cb = await m.submit(jreq(headers=(("Idempotency-Key", "order-7"),)))
         assert ca and not cb and a.id == b.id
-        with pytest.raises(Conflict, match="order-7"):
+        with pytest.raises(Conflict, match="Idempotency-Key was used for another request"):
             await m.submit(jreq(body=b"different", headers=(("Idempotency-Key", "order-7"),)))
 
 
@@ -268,6 +269,23 @@ async def test_worker_crash_retries_then_dead_letter(workdir: Path, worker: str)
         unsafe, _ = await m.submit(jreq("/close", method="GET", body=b"", retry_safe=False))
         await wait_until(lambda: _is(m, unsafe.id, "failed"), what="failed", timeout=20)
         assert (await m.get(unsafe.id)).error.type == "worker_crashed"
+
+
+async def test_a_503_answer_is_tried_again_when_safe_then_failed_with_the_answer(workdir: Path, worker: str) -> None:
+    """A worker's 503 (a CUDA OOM it recovered from, asleep) is "not now": a retry-safe job runs again
+    while it has attempts; the last answer stays with the failed job. Other errors are final at once."""
+    runner = CtlRunner(worker)
+    async with manager(fast(max_attempts=3), sqlite_store(workdir), runner) as m:
+        safe, _ = await m.submit(jreq("/status/503", method="GET", body=b"", retry_safe=True))
+        unsafe, _ = await m.submit(jreq("/status/503", method="GET", body=b"", retry_safe=False))
+        bad, _ = await m.submit(jreq("/status/400", method="GET", body=b"", retry_safe=True))
+        for j in (safe, unsafe, bad):
+            await wait_until(lambda j=j: _is(m, j.id, "failed"), what="failed", timeout=20)
+        runs = collections.Counter(jid for jid, _ in runner.runs)
+        assert (runs[safe.id], runs[unsafe.id], runs[bad.id]) == (3, 1, 1)
+        for j, status in ((safe, 503), (unsafe, 503), (bad, 400)):
+            done, result = await m.result(j.id)
+            assert done.error.type == "worker_status" and result is not None and result.status == status
 
 
 async def test_deadline_and_result_size(workdir: Path, worker: str) -> None:

@@ -227,7 +227,7 @@ async def test_idempotency_and_full(store) -> None:
     r2 = req(key="k1")                                           # same request, new id
     j2, c2 = await store.create(new_job(r2), 10)
     assert c1 and not c2 and j2.id == j1.id
-    with pytest.raises(Conflict, match="k1"):
+    with pytest.raises(Conflict, match="Idempotency-Key was used for another request"):
         await store.create(new_job(req(key="k1", body=b"other")), 10)
     await store.create(new_job(req()), 2)
     with pytest.raises(Full, match="max_pending"):

@@ -275,7 +275,7 @@ async def test_kill9_of_the_daemon_takes_its_worker_and_a_successor_reaps_leftov
         path = leftovers.pid_file(resolve_state_dir(None, {"STATE_DIRECTORY": str(sp.tmp)}), str(sp.config_path))
         dead = subprocess.Popen(["true"])
         dead.wait()
-        path.write_text(json.dumps({"daemon_pid": dead.pid, "daemon_start": 1,
+        path.write_text(json.dumps({"boot_id": leftovers.boot_id(), "daemon_pid": dead.pid, "daemon_start": 1,
                                     "workers": [{"pid": stray.pid, "start": leftovers.start_time(stray.pid)}]}))
         again = SupervisorProcess(sp.tmp, sp.config)  # the same config file, the same state directory
         await again.start()
@@ -295,8 +295,14 @@ async def test_predecessor_pid_reuse_is_never_killed(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
     try:
         path = tmp_path / "w.json"
-        path.write_text(json.dumps({"daemon_pid": 999999, "daemon_start": 1,
+        path.write_text(json.dumps({"boot_id": leftovers.boot_id(), "daemon_pid": 999999, "daemon_start": 1,
                                     "workers": [{"pid": p.pid, "start": 12345}]}))  # another start time
+        assert leftovers.reap(path, os.getpid()) == []
+        assert p.poll() is None
+        # the very pid and start time, but written before a reboot (another boot id): never touched
+        # (start times count clock ticks since boot, so after a reboot they can match another process)
+        path.write_text(json.dumps({"boot_id": "another-boot", "daemon_pid": 999999, "daemon_start": 1,
+                                    "workers": [{"pid": p.pid, "start": leftovers.start_time(p.pid)}]}))
         assert leftovers.reap(path, os.getpid()) == []
         assert p.poll() is None
     finally:

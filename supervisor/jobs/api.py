@@ -41,6 +41,9 @@ def job_request(method: str, target: str, headers: Iterable[tuple[str, str]], bo
     the deadline counted from `now` (wall clock), the Idempotency-Key picked out."""
     kept = tuple((k, v) for k, v in headers if k.lower() not in HOP_BY_HOP)
     idem = next((v for k, v in kept if k.lower() == "idempotency-key"), None)
+    if idem is not None and fairness_key is not None:
+        # each client's keys are its own: another client's same key is another job, never a way to its id
+        idem = f"{fairness_key}/{idem}"
     return JobRequest(
         id=new_job_id(), method=method.upper(), target=target, headers=kept, body=body, priority=priority,
         deadline_at=None if timeout_s is None else now + timeout_s, retry_safe=retry_safe, worker=worker,
@@ -117,14 +120,15 @@ class Caller:
         return self.admin or self.key is None or owner is None or owner == ANONYMOUS or owner == self.key
 
     def listing(self) -> tuple[bool, str | None]:
-        """(allowed, key) for GET /jobs: the admin sees every job; with client keys, a caller its own key's
-        (requests without the key's header share the key `anonymous`: with an admin token configured,
-        that is no identity, 401); else every job, unless an admin token is configured (401)."""
+        """(allowed, key) for GET /jobs. With an admin token configured, the listing is the admin's: a
+        client key is a claim (whatever header value a caller sends), not a credential, so it never
+        lists anything then (401). Without one: the caller's own key's jobs when client keys are on
+        (callers without the key's header share the key `anonymous`), else every job."""
         if self.admin:
             return True, None
-        if self.key is not None and (self.key != ANONYMOUS or not self.token_required):
-            return True, self.key
-        return not self.token_required, None
+        if self.token_required:
+            return False, None
+        return True, self.key
 
 
 OPEN = Caller()  # no admin token, no client keys: every job is everyone's
@@ -216,9 +220,8 @@ class JobsApi:
         rid = _request_id(request)
         allowed, key = self._caller(request).listing()
         if not allowed:
-            return error_response("unauthorized", "GET /jobs lists every job with Authorization: Bearer "
-                                  "<admin.token_file token>, or the caller's own jobs by its client key "
-                                  "(queue.fairness.key); a job's id alone reads that job", rid,
+            return error_response("unauthorized", "GET /jobs lists jobs with Authorization: Bearer "
+                                  "<admin.token_file token>; a job's id alone reads that job", rid,
                                   headers={"WWW-Authenticate": "Bearer"})
         raw_status = request.query.get("status") or None
         status = None

@@ -36,6 +36,7 @@ from .store import JobStore, StoreUnavailable
 log = structlog.get_logger("supervisor.jobs")
 
 MAX_LIST_LIMIT = 1000
+TRANSIENT_ANSWERS = frozenset({503})  # the worker's own "not now": a retry-safe job runs again
 
 
 class CallbackRefused(ValueError):
@@ -241,8 +242,15 @@ class JobManager:
             if len(result.body) > s.max_result_bytes:
                 raise JobFailed("result_too_large", f"the answer has {len(result.body)} bytes; "
                                 f"jobs.max_result_bytes is {s.max_result_bytes}")
-            # an error answer (>= 400) ends the job `failed` with the worker's error; the answer is kept
+            # an error answer (>= 400) ends the job `failed` with the worker's error; the answer is kept.
+            # A 503 is the worker's "not now" (a CUDA OOM it recovered from, asleep, overloaded): a job
+            # that is safe to repeat runs again while it has attempts left
             err = worker_error(result)
+            if (err is not None and result.status in TRANSIENT_ANSWERS and after_failure(
+                    "worker_crashed", req.retry_safe, job.attempts, s.max_attempts, req.deadline_at,
+                    self._clock()) is Decision.RETRY):
+                await self._requeue(job, err)
+                return
             await self._finish(job, JobStatus.SUCCEEDED if err is None else JobStatus.FAILED, result, err)
         except JobFailed as exc:
             await self._failed(job, exc)
@@ -265,15 +273,18 @@ class JobManager:
         err = JobError(exc.type, exc.message)
         d = after_failure(exc.type, req.retry_safe, job.attempts, s.max_attempts, req.deadline_at, self._clock())
         if d is Decision.RETRY:
-            again = self._clock() + retry_backoff_s(job.attempts)
-            if await self._store(self.store.requeue(job, err, again)) is not None:
-                self.hooks.on_status(JobStatus.QUEUED.value)
-                log.info("job_requeued", job_id=job.id, attempts=job.attempts, error=exc.type)
+            await self._requeue(job, err)
             return
         if d is Decision.DEAD_LETTER:
             err = JobError("dead_letter", f"gave up after {job.attempts} attempt(s) (jobs.max_attempts); "
                            f"last error {exc.type}: {exc.message}")
         await self._finish(job, JobStatus.FAILED, None, err)
+
+    async def _requeue(self, job: Job, err: JobError) -> None:
+        again = self._clock() + retry_backoff_s(job.attempts)
+        if await self._store(self.store.requeue(job, err, again)) is not None:
+            self.hooks.on_status(JobStatus.QUEUED.value)
+            log.info("job_requeued", job_id=job.id, attempts=job.attempts, error=err.type)
 
     async def _finish(self, job: Job, status: JobStatus, result: JobResult | None, err: JobError | None) -> None:
         done = await self._store(self.store.finish(job, status, result, err, self._clock(),

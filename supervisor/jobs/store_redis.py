@@ -216,7 +216,7 @@ class RedisJobStore:
             keys=[STREAM, INDEX, SEQ, idem], args=[PREFIX + "job:", r.id, job.digest, max_pending, *fields]))
         verdict, value = _s(out[0]), _s(out[1])
         if verdict == "conflict":
-            raise Conflict(f"Idempotency-Key {r.idempotency_key!r} was used for another request (job {value})")
+            raise Conflict("this Idempotency-Key was used for another request")
         if verdict == "full":
             raise Full(f"the job store holds {value} pending jobs (jobs.max_pending {max_pending})")
         if verdict == "existing":

@@ -179,8 +179,7 @@ class SqliteJobStore:
                                  (r.idempotency_key,)).fetchone()
                 if row is not None:
                     if row["digest"] != job.digest:
-                        raise Conflict(f"Idempotency-Key {r.idempotency_key!r} was used for another request "
-                                       f"(job {row['id']})")
+                        raise Conflict("this Idempotency-Key was used for another request")
                     db.execute("ROLLBACK")
                     return _job(row), False
             n = db.execute("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')").fetchone()[0]

@@ -30,6 +30,7 @@ from .app import Supervisor
 from .errors import error_response
 from .fairness import client_key
 from .gpu_watch import Nvml, count_devices
+from .guard import Guard
 from .jobs.api import Caller, JobsApi
 from .jobs.settings import resolve_state_dir
 from .jobs.store import StoreCorrupt
@@ -251,7 +252,7 @@ class Daemon:
         pids_path = leftovers.pid_file(resolve_state_dir(s.state_dir, state_env), self.loaded.source)
         # what a killed predecessor on this config left is stopped (and gone) before our workers start
         await asyncio.to_thread(leftovers.reap, pids_path, os.getpid())
-        guard = leftovers.Guard(pids_path, s.logging.format, s.logging.level)
+        guard = Guard(pids_path, s.logging.format, s.logging.level)
 
         async def main_handler(request: web.BaseRequest) -> web.StreamResponse:
             path = request.path

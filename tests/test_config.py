@@ -404,3 +404,22 @@ def test_every_policy_snippet_in_the_readme_is_valid():
             cfg.parse(text, "README.md")
         except cfg.ConfigError as exc:
             raise AssertionError(f"README snippet does not load:\n{text}\n{exc.problems}") from None
+
+
+def test_the_readme_bad_file_example_is_what_check_config_prints(tmp_path):
+    """The README shows a bad policy and check-config's answer: the answer is the real one."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    m = re.search(r"This\nfile \(`policy.yaml`\):\n\n```\n(.*?)```\n\ngets, in one run:\n\n```\n(.*?)```", readme, re.S)
+    assert m, "the README's check-config example"
+    policy, printed = m.group(1), m.group(2).splitlines()
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy)
+    r = subprocess.run([sys.executable, "-m", "supervisor", "check-config", str(path)], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    got = r.stderr.splitlines()
+    assert r.returncode == 1 and got[0] == f"{path}: {printed[0].split(': ', 1)[1]}", r.stderr
+    assert len(got) == len(printed), r.stderr
+    for want, line in zip(printed[1:], got[1:]):
+        if "not found on PATH" in want:  # where it looked depends on the machine
+            want, line = want.split(" nor in ")[0], line.split(" nor in ")[0]
+        assert line == want

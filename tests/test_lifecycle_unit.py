@@ -105,3 +105,23 @@ def test_the_readme_lists_every_exit_reason():
     start = readme.index("Exit reasons:")
     listed = readme[start:readme.index("\n- ", start)]
     assert [r.value for r in ExitReason if f"`{r.value}`" not in listed] == []
+
+
+def test_the_readme_error_table_lists_every_answer_the_daemon_makes_with_its_status():
+    """Every error type the daemon answers with (its own, and a job's at /jobs/{id}/result) is in the
+    README's table, with its status: what a client may get is written down."""
+    import re
+    from pathlib import Path
+
+    from supervisor.errors import ERROR_TYPES
+    from supervisor.jobs.api import JOB_ERROR_STATUS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        m = re.match(r"^\| (.+?) \| (\d{3}) \|", line)
+        if m:
+            for etype in re.findall(r"`([a-z_]+)`", m.group(1)):
+                rows.setdefault(etype, int(m.group(2)))
+    want = {**{t: s for t, (s, _) in ERROR_TYPES.items()}, **JOB_ERROR_STATUS}
+    assert {t: rows.get(t) for t in want} == want

@@ -25,7 +25,7 @@ from .config import Settings, WorkerSpec
 from .errors import Rejected
 from .request_queue import RequestQueue
 from .states import BreakerState, WorkerState
-from .upstream import UpstreamError
+from .upstream import UpstreamError, fetch
 from .worker_process import ExitInfo, Incarnation, WorkerManager
 
 log = structlog.get_logger("supervisor.fleet")
@@ -487,26 +487,12 @@ async def _worker_get(inc: Incarnation, target: str, worker: str) -> int | None:
 
 
 async def _worker_fetch(inc: Incarnation, target: str, worker: str) -> tuple[int | None, bytes]:
-    head = f"GET {target} HTTP/1.1\r\nHost: worker\r\nUser-Agent: gpu-supervisor\r\n\r\n".encode()
-    conn = None
     try:
         async with asyncio.timeout(DISCOVERY_TIMEOUT_S):
-            conn = await inc.pool.connect()
-            await conn.start(head, None, False)
-            chunks, size = [], 0
-            while chunk := await conn.read():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MODELS_MAX_BYTES:
-                    log.info("models_read_failed", worker=worker, target=target, error="answer too large")
-                    return None, b""
-        return conn.status, b"".join(chunks)
+            return await fetch(inc.pool, target, MODELS_MAX_BYTES)
     except (TimeoutError, UpstreamError, OSError) as exc:
         log.info("models_read_failed", worker=worker, target=target, error=str(exc) or type(exc).__name__)
         return None, b""
-    finally:
-        if conn is not None:
-            conn.abort()
 
 
 async def _worker_models(inc: Incarnation, worker: str) -> tuple[str, ...] | None:

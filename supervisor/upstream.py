@@ -450,3 +450,24 @@ class UpstreamPool:
     def in_flight(self) -> int:
         """Exchanges whose answer is still outstanding."""
         return sum(1 for c in self._all if c.outstanding)
+
+
+async def fetch(pool: UpstreamPool, target: str, max_bytes: int | None = None) -> tuple[int, bytes]:
+    """One GET the daemon makes itself (health and progress probes, model lists) on a connection of its
+    own, closed after: (status, body). `max_bytes` 0 reads no body; a body past `max_bytes` is an
+    UpstreamError("protocol"), as is any other broken answer. The caller bounds it in time."""
+    head = f"GET {target} HTTP/1.1\r\nHost: worker\r\nUser-Agent: gpu-supervisor\r\n\r\n".encode()
+    conn = None
+    try:
+        conn = await pool.connect()
+        await conn.start(head, None, False)
+        chunks, size = [], 0
+        while max_bytes != 0 and (chunk := await conn.read()):
+            chunks.append(chunk)
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise UpstreamError("protocol", f"answer over {max_bytes} bytes", True)
+        return conn.status, b"".join(chunks)
+    finally:
+        if conn is not None:
+            conn.abort()

@@ -27,7 +27,7 @@ from .aio import wait_quietly
 from .config import WorkerSpec, find_program
 from .pressure import recycle_due
 from .states import PLANNED_EXITS, SERVING_STATES, UNLOAD_EXITS, ExitReason, WorkerState, check_move
-from .upstream import UpstreamError, UpstreamPool
+from .upstream import UpstreamError, UpstreamPool, fetch
 
 log = structlog.get_logger("supervisor.worker")
 
@@ -568,29 +568,17 @@ class WorkerManager:
             self.on_down()  # stop dispatching to it now, before the lifecycle catches up
 
     async def _get(self, inc: Incarnation, path: str, timeout: float) -> tuple[bool, str, bytes]:
-        """One GET on its own connection: (2xx, why-not, body)."""
-        head = f"GET {path} HTTP/1.1\r\nHost: worker\r\nUser-Agent: gpu-supervisor\r\n\r\n".encode()
-        conn = None
+        """One GET on its own connection: (2xx, why-not, body); a health probe reads no body."""
         try:
             async with asyncio.timeout(timeout):
-                conn = await inc.pool.connect()
-                await conn.start(head, None, False)
-                body = b""
-                if path != self.spec.health.path:
-                    chunks = []
-                    while chunk := await conn.read():
-                        chunks.append(chunk)
-                    body = b"".join(chunks)
-            if 200 <= conn.status < 300:
-                return True, "", body
-            return False, f"status {conn.status}", b""
+                status, body = await fetch(inc.pool, path, 0 if path == self.spec.health.path else None)
         except TimeoutError:
             return False, "timeout", b""
         except UpstreamError as exc:
             return False, exc.kind, b""
-        finally:
-            if conn is not None:
-                conn.abort()
+        if 200 <= status < 300:
+            return True, "", body
+        return False, f"status {status}", b""
 
     async def _probe(self, inc: Incarnation, timeout: float) -> tuple[bool, str]:
         ok, why, _ = await self._get(inc, self.spec.health.path, timeout)

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from .config import LoadedConfig, Settings
 from .errors import Rejected
-from .fleet import Fleet, ReloadSummary, Replica, WorkerGroup
+from .fleet import Fleet, ReloadSummary, Replica
 from .gpu_room import GpuRoom
 from .gpu_watch import Nvml, Reading
 from .jobs.manager import JobManager
@@ -25,6 +25,7 @@ from .jobs.store import StoreUnavailable, open_store
 from .metrics import Metrics
 from .pressure_control import PressureControl
 from .proxy import RequestPath
+from .runstate import RunState
 from .states import SERVING_STATES, UNLOAD_EXITS, BreakerState, ExitReason, WorkerState
 from .status_view import metrics_state, render_status
 from .worker_process import ExitInfo
@@ -54,12 +55,10 @@ class Supervisor:
         self.config_loaded_at = time.time()
         self.started = time.monotonic()
         self.metrics = Metrics()
-        self.accepting = True
-        self.abandoned = False  # shutdown stopped waiting: nothing more goes to a worker
+        self.run = RunState(drain_timeout_s=self.settings.drain.timeout_s)
         self.active = 0  # requests inside handle(), queued or running
         self._idle = asyncio.Event()
         self._idle.set()
-        self.jobs = None  # the async job manager, when the daemon attaches one
         self.pids_changed = asyncio.Event()  # a worker process started: the pid file wants writing
         self.room = GpuRoom(self)
         self.fleet = Fleet(self.settings, runtime_dir, base_env, on_state=self._replica_changed,
@@ -70,7 +69,8 @@ class Supervisor:
                            on_models=lambda: self.path.models_changed(), gpus_seen=gpus_seen)
         self.pressure = PressureControl(self, nvml_factory)
         self.fleet.queue_gate = self._gpu_fits
-        self.path = RequestPath(self)
+        self.fleet.room = self.room
+        self.path = RequestPath(self.settings, self.fleet, self.metrics, self.pressure, self.run)
         self.metrics.attach_state(self._metrics_state)
 
     @property
@@ -123,7 +123,8 @@ class Supervisor:
                 r.manager.oom_restarts = 0
                 r.manager.request_restart(ExitReason.RELOAD)
         done = self.fleet.apply(self.settings)
-        self.path.derive()
+        self.run.drain_timeout_s = self.settings.drain.timeout_s
+        self.path.derive(self.settings)
         self.pressure.reconfigure(old)
         self.room.changed()
         return done
@@ -176,48 +177,23 @@ class Supervisor:
     def ledger_reading(self, reading: Reading) -> None:
         self.room.on_reading(reading)
 
-    # -- asked by the request path -------------------------------------------------------------
-    def wake_worker(self, g: WorkerGroup) -> None:
-        """The first request for an unloaded worker starts it (once, however many arrive)."""
-        for r in g.replicas:
-            if self.room.refusal(r) is not None:
-                continue
-            r.manager.load()
-        if all(self.room.refusal(r) is not None for r in g.replicas):
-            need = max(self.room.need_bytes(r) for r in g.replicas) >> 20
-            raise Rejected("worker_unavailable", f"worker {g.name} needs {need} MiB of GPU memory, more than its "
-                           "GPU can give even with every other unpinned worker stopped", 60.0)
-
-    def waiting_for_room(self, g: WorkerGroup) -> str | None:
-        """Why none of `g`'s replicas has started when the GPU ledger holds them back, else None."""
-        for r in g.replicas:
-            why = self.room.waiting(r)
-            if why is not None:
-                return why
-        return None
-
-    def unavailable_retry_after(self, g: WorkerGroup) -> float:
-        waits = [self.room.retry_after.get((r.worker, r.index)) for r in g.replicas]
-        waits = [w for w in waits if w is not None]
-        return min(waits) if waits else g.expected_ready_in()
-
     def degraded_header(self) -> dict[str, str] | None:
         d = self.degraded()
         return {"X-Degraded": d} if d else None
 
     def degraded(self) -> str | None:
-        for r in self.fleet.replicas():
-            if r.manager.degraded:
-                return r.manager.degraded
-        return None
+        return self.fleet.degraded()
 
     def jobs_slot_free(self) -> None:
-        """A slot freed or a replica came up: wake the job loop, if any job waits (a cached count)."""
-        if self.jobs is not None and self.jobs.pending:
-            self.jobs.notify_slot_free()
+        self.run.slot_free()
 
     def shutting_down(self) -> Rejected:
-        return Rejected("shutting_down", "the supervisor is shutting down", self.settings.drain.timeout_s)
+        return self.run.shutting_down()
+
+    # what the daemon's life says (a RunState the request path shares)
+    accepting = property(lambda self: self.run.accepting, lambda self, v: setattr(self.run, "accepting", v))
+    abandoned = property(lambda self: self.run.abandoned, lambda self, v: setattr(self.run, "abandoned", v))
+    jobs = property(lambda self: self.run.jobs, lambda self, v: setattr(self.run, "jobs", v))
 
     # -- readiness -----------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:

@@ -26,7 +26,7 @@ from .errors import Rejected
 from .request_queue import RequestQueue
 from .states import BreakerState, WorkerState
 from .upstream import UpstreamError, fetch
-from .worker_process import ExitInfo, Incarnation, WorkerManager
+from .worker_process import ExitInfo, Incarnation, InFlight, WorkerManager
 
 log = structlog.get_logger("supervisor.fleet")
 
@@ -95,6 +95,29 @@ class Replica:
     def can_take(self, now: float) -> bool:
         return self.admits and self.breaker.would_allow(now)
 
+    @property
+    def incarnation(self) -> Incarnation | None:
+        """The process it runs now (None before the first spawn)."""
+        return self.manager.current
+
+    @property
+    def degraded(self) -> str | None:
+        return self.manager.degraded
+
+    @property
+    def probe_failures(self) -> int:
+        return self.manager.probe_failures
+
+    def begin(self, ex: InFlight) -> Incarnation:
+        """A request goes to its current process: counted in flight there until `end`."""
+        inc = self.manager.current
+        assert inc is not None
+        self.manager.begin_request(inc, ex)
+        return inc
+
+    def end(self, inc: Incarnation, ex: InFlight, oom: bool) -> None:
+        self.manager.end_request(inc, ex, oom)
+
 
 class WorkerGroup:
     """One named worker: its spec, replicas, wait line and the models it serves."""
@@ -123,6 +146,14 @@ class WorkerGroup:
 
     def serving(self) -> list[Replica]:
         return [r for r in self.replicas if r.manager.serving]
+
+    def loaded(self) -> bool:
+        """Some replica serves now (what GET /v1/models calls `loaded`)."""
+        return any(r.manager.serving for r in self.replicas)
+
+    def started(self) -> bool:
+        """Some replica holds, or is about to hold, its process (an on-demand worker's first request starts it)."""
+        return any(r.manager.started for r in self.replicas)
 
     def pick(self, now: float) -> Replica | None:
         cands = [r for r in self.replicas if r.can_take(now)]
@@ -255,6 +286,40 @@ class Fleet:
 
     def served_models(self) -> list[str]:
         return [m for g in self.groups.values() for m in g.models]
+
+    # -- asked by the request path -------------------------------------------------------------
+    room = None  # the GPU room (gpu_room.GpuRoom), set by the supervisor
+
+    def wake(self, g: WorkerGroup) -> None:
+        """The first request for an unloaded worker starts it (once, however many arrive)."""
+        for r in g.replicas:
+            if self.room.refusal(r) is not None:
+                continue
+            r.manager.load()
+        if all(self.room.refusal(r) is not None for r in g.replicas):
+            need = max(self.room.need_bytes(r) for r in g.replicas) >> 20
+            raise Rejected("worker_unavailable", f"worker {g.name} needs {need} MiB of GPU memory, more than its "
+                           "GPU can give even with every other unpinned worker stopped", 60.0)
+
+    def waiting_for_room(self, g: WorkerGroup) -> str | None:
+        """Why none of `g`'s replicas has started when the GPU ledger holds them back, else None."""
+        for r in g.replicas:
+            why = self.room.waiting(r)
+            if why is not None:
+                return why
+        return None
+
+    def unavailable_retry_after(self, g: WorkerGroup) -> float:
+        waits = [self.room.retry_after.get((r.worker, r.index)) for r in g.replicas]
+        waits = [w for w in waits if w is not None]
+        return min(waits) if waits else g.expected_ready_in()
+
+    def degraded(self) -> str | None:
+        """The first replica's degraded mode (cpu-fallback), which every answer names in X-Degraded."""
+        for r in self.replicas():
+            if r.manager.degraded:
+                return r.manager.degraded
+        return None
 
     # -- life ----------------------------------------------------------------------------------
     def start(self) -> None:

@@ -33,11 +33,14 @@ from .request_queue import GRANTED, QueueFull, Ticket
 from .response_spool import ResponseSpool, SpoolError, SpoolFull
 from .states import ExitReason
 from .upstream import UpstreamConnection, UpstreamError
-from .worker_process import Incarnation
+from .worker_process import Incarnation, InFlight
 
 if TYPE_CHECKING:
-    from .app import Supervisor
-    from .fleet import Replica, WorkerGroup
+    from .config import Settings
+    from .fleet import Fleet, Replica, WorkerGroup
+    from .metrics import Metrics
+    from .pressure_control import PressureControl
+    from .runstate import RunState
 
 log = structlog.get_logger("supervisor.proxy")
 access_log = structlog.get_logger("supervisor.access")
@@ -104,15 +107,17 @@ class _WorkerDied(Exception):
 class RequestPath:
     """Everything between a client's request and its one answer."""
 
-    def __init__(self, sup: Supervisor):
-        self.sup = sup
-        self._keys = itertools.count()
+    def __init__(self, settings: Settings, fleet: Fleet, metrics: Metrics, pressure: PressureControl,
+                 run: RunState):
+        self.fleet = fleet
+        self.metrics = metrics
+        self.pressure = pressure
+        self.run = run
         self._rid_prefix = os.urandom(11).hex()
         self._rid_seq = itertools.count()
-        self.derive()
+        self.derive(settings)
 
-    def derive(self) -> None:
-        s = self.sup.settings
+    def derive(self, s: Settings) -> None:
         self.settings = s
         self._prio_header = s.queue.priority_header
         self._timeout_header = s.queue.timeout_header
@@ -131,9 +136,9 @@ class RequestPath:
         several workers serve models (declared or discovered: with one worker, every request goes to it
         anyway, and the worker answers a name it does not know itself). Kept in step by the fleet when
         discovery changes what is served, never asked per request."""
-        groups = self.sup.fleet.groups.values()
+        groups = self.fleet.groups.values()
         self._by_model = (self._model_routes or any(g.spec.models for g in groups)
-                          or (len(groups) > 1 and bool(self.sup.fleet.served_models())))
+                          or (len(groups) > 1 and bool(self.fleet.served_models())))
 
     def new_request_id(self) -> str:
         # unique per process start (random prefix) and cheap: no syscall per request
@@ -158,7 +163,7 @@ class RequestPath:
                 raise asyncio.CancelledError
             self._check_request_line(request)
             if call.method == "GET" and (call.path == MODELS_PATH or call.path.startswith(MODEL_PREFIX)) \
-                    and self.sup.fleet.served_models():
+                    and self.fleet.served_models():
                 resp = self._models(call)
             else:
                 resp = await self._serve(request, call)
@@ -179,8 +184,8 @@ class RequestPath:
         """GET /v1/models: every worker's models, as OpenAI lists them, with whether the worker is loaded
         now; GET /v1/models/{id} (an id may hold `/`): one of those cards, or 404 model_not_found."""
         data = []
-        for g in self.sup.fleet.groups.values():
-            loaded = any(r.manager.serving for r in g.replicas)
+        for g in self.fleet.groups.values():
+            loaded = g.loaded()
             for m in g.models:
                 data.append({"id": m, "object": "model", "created": 0, "owned_by": g.name,
                              "status": "loaded" if loaded else "unloaded", "worker": g.name})
@@ -196,13 +201,13 @@ class RequestPath:
 
     def _observe(self, call: Call, code: int) -> None:
         level = call.level if call.level >= 0 else self._default_level
-        self.sup.metrics.observe_request(self._level_names[level], code, time.monotonic() - call.t0,
+        self.metrics.observe_request(self._level_names[level], code, time.monotonic() - call.t0,
                                          call.worker_label)
 
     def reject(self, r: Rejected, rid: str | None) -> web.Response:
         if r.etype in REJECT_REASONS:
-            self.sup.metrics.rejected.labels(r.etype).inc()
-        return error_response(r.etype, r.message, rid, r.retry_after_s, self.sup.degraded_header())
+            self.metrics.rejected.labels(r.etype).inc()
+        return error_response(r.etype, r.message, rid, r.retry_after_s, _degraded(self.fleet))
 
     @staticmethod
     def _check_request_line(request: web.BaseRequest) -> None:
@@ -214,9 +219,8 @@ class RequestPath:
 
     # -- parse, route, admit -------------------------------------------------------------------
     async def _serve(self, request: web.BaseRequest, call: Call) -> web.StreamResponse:
-        sup = self.sup
         s = self.settings
-        if not sup.accepting:
+        if not self.run.accepting:
             raise Rejected("shutting_down", "the supervisor is shutting down", s.drain.timeout_s)
         call.level = self._parse_priority(request)
         cl = request.content_length
@@ -242,7 +246,7 @@ class RequestPath:
         self._parse_deadline(request, call)
         call.retry_ok = route.retry if route is not None and route.retry is not None \
             else call.method in self._retry_methods
-        if self.sup.jobs is not None and wants_async(request.headers.getall("Prefer", ())):
+        if self.run.jobs is not None and wants_async(request.headers.getall("Prefer", ())):
             # a job is stored whatever the queue, breaker or pressure say now: it runs when it can
             await self._send_continue(request, call)
             return await self._submit_job(request, call)
@@ -261,7 +265,7 @@ class RequestPath:
     # -- async jobs ----------------------------------------------------------------------------
     async def _submit_job(self, request: web.BaseRequest, call: Call) -> web.Response:
         """`Prefer: respond-async`: store the request durably, answer 202; it runs later like any other."""
-        jobs = self.sup.jobs
+        jobs = self.run.jobs
         if call.body is None:
             call.body = await self._read_body(request)  # a job keeps its body (up to limits.max_body_bytes)
         raw = request.headers.get(self._timeout_header)
@@ -277,7 +281,7 @@ class RequestPath:
             job, _ = await jobs.submit(req)
         except JOB_SUBMIT_ERRORS as exc:
             if isinstance(exc, StoreUnavailable):
-                self.sup.metrics.rejected.labels("jobs_unavailable").inc()
+                self.metrics.rejected.labels("jobs_unavailable").inc()
             return submit_error_response(exc, call.rid)
         return submit_response(job, jobs.now(), call.rid)
 
@@ -301,8 +305,8 @@ class RequestPath:
         call.model = _body_model(req.body) if self._by_model else None
         s = self.settings
         call.route = s.route_for(call.method, path, call.model) if s.routes else None
-        if req.worker in self.sup.fleet.groups and (call.route is None or call.route.worker is None):
-            call.group = self.sup.fleet.groups[req.worker]
+        if req.worker in self.fleet.groups and (call.route is None or call.route.worker is None):
+            call.group = self.fleet.groups[req.worker]
             call.worker_label = req.worker
             if call.route is not None:
                 call.pool, call.gpu_mb = call.route.pool, call.route.gpu_memory_mb
@@ -340,11 +344,9 @@ class RequestPath:
     async def _collect(self, req: JobRequest, call: Call, replica: Replica, ticket: Ticket,
                        max_bytes: int) -> JobResult:
         """One exchange whose whole answer is kept (an SSE answer included), up to `max_bytes`."""
-        inc = replica.manager.current
-        assert inc is not None
-        key = next(self._keys)
-        ex = replica.manager.begin_request(inc, key)
-        outcome = _Outcome(replica, call, time.monotonic(), inc, key, self.sup.jobs_slot_free)
+        ex = InFlight(time.monotonic())
+        inc = replica.begin(ex)
+        outcome = _Outcome(replica, call, ex.started, inc, ex, self.run.slot_free)
         head = self._head(call, req.target, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in req.headers],
                           b"", b"http")
         conn = None
@@ -386,7 +388,7 @@ class RequestPath:
 
     def _place(self, call: Call) -> None:
         """The worker group and the route's policy for this call."""
-        fleet = self.sup.fleet
+        fleet = self.fleet
         route = call.route
         group = None
         if route is not None and route.worker is not None:
@@ -447,7 +449,7 @@ class RequestPath:
     def _precheck(self, call: Call) -> None:
         """Refusals that hold whatever worker the body names (before taking the body)."""
         lvl = call.level if call.level >= 0 else self._default_level
-        if sheds(lvl, self.sup.pressure.shed_below):
+        if sheds(lvl, self.pressure.shed_below):
             call.level = lvl
             raise self._overloaded(lvl)
 
@@ -462,7 +464,7 @@ class RequestPath:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _overloaded(self, level: int) -> Rejected:
-        p = self.sup.pressure
+        p = self.pressure
         return Rejected("overloaded", f"memory pressure ({Level(p.level).label}): priority "
                         f"{self._level_names[level]} is shed for now", p.retry_after())
 
@@ -473,7 +475,7 @@ class RequestPath:
         if not g.any_breaker_allows(now):
             raise Rejected("circuit_open", f"worker {g.name} keeps failing; the circuit breaker is open",
                            g.breaker_retry_after(now))
-        if sheds(call.level, self.sup.pressure.shed_below):
+        if sheds(call.level, self.pressure.shed_below):
             raise self._overloaded(call.level)
         try:
             g.queue.check_room(call.level, call.client)
@@ -499,11 +501,11 @@ class RequestPath:
     async def _dispatch(self, call: Call, run):
         g = call.group
         assert g is not None
-        sup = self.sup
+        state = self.run
         requeued = False
         while True:
-            if sup.abandoned:
-                raise sup.shutting_down()
+            if state.abandoned:
+                raise state.shutting_down()
             call.attempt += 1
             ticket = await self._wait_slot(call, call.attempt > 1 or requeued)
             replica = None
@@ -521,8 +523,8 @@ class RequestPath:
                     continue
                 return await run(replica, ticket)
             except _WorkerDied as died:
-                if sup.abandoned:
-                    raise sup.shutting_down() from None
+                if state.abandoned:
+                    raise state.shutting_down() from None
                 call.hangs += died.hang
                 if call.hangs >= HANGS_BEFORE_POISON:
                     log.error("poison_request", request_id=call.rid, worker=g.name, hung_workers=call.hangs,
@@ -530,7 +532,7 @@ class RequestPath:
                     raise Rejected("timeout", f"this request was in flight on {call.hangs} workers that hung; "
                                    "it is not tried again") from None
                 if call.attempt < call.max_attempts and (call.deadline is None or call.deadline > time.monotonic()):
-                    sup.metrics.retries.labels(died.reason).inc()
+                    self.metrics.retries.labels(died.reason).inc()
                     log.info("request_retry", request_id=call.rid, attempt=call.attempt + 1, reason=died.reason,
                              worker=g.name, replica=replica.index if replica else None)
                     continue
@@ -545,14 +547,14 @@ class RequestPath:
         assert g is not None
         name = self._level_names[call.level]
         now = time.monotonic()
-        if not any(r.manager.started for r in g.replicas):
-            self.sup.wake_worker(g)  # on demand: the first request starts it
+        if not g.started():
+            self.fleet.wake(g)  # on demand: the first request starts it
         try:
             ticket = g.queue.acquire(call.level, call.pool, now, call.gpu_mb, front, key=call.client)
         except QueueFull as full:
             raise self._queue_full(g, full, call) from None
         if ticket.state == GRANTED:
-            self.sup.metrics.observe_wait(name, 0.0)
+            self.metrics.observe_wait(name, 0.0)
             return ticket
         limit = call.queue_limit if call.deadline is None else min(call.queue_limit, call.deadline - now)
         try:
@@ -561,16 +563,16 @@ class RequestPath:
         except TimeoutError:
             g.queue.cancel(ticket)
             waited = time.monotonic() - now
-            self.sup.metrics.observe_wait(name, waited)
+            self.metrics.observe_wait(name, waited)
             if not g.serving():
-                room = self.sup.waiting_for_room(g)
+                room = self.fleet.waiting_for_room(g)
                 what = (f"worker {g.name} is waiting for GPU room: {room}; it did not start" if room is not None
                         else f"worker {g.name} is {g.state_summary()} and did not come back")
                 raise Rejected("worker_unavailable", f"{what} within this request's wait limit ({limit:.3g}s)",
-                               self.sup.unavailable_retry_after(g)) from None
+                               self.fleet.unavailable_retry_after(g)) from None
             if g.paused:
                 raise Rejected("overloaded", "memory pressure has paused dispatch",
-                               self.sup.pressure.retry_after()) from None
+                               self.pressure.retry_after()) from None
             raise Rejected("queue_timeout", f"waited {waited:.3g}s in the queue, the limit for priority "
                            f"{name}", g.queue.estimate_wait(call.level, call.pool)) from None
         except BaseException:
@@ -578,17 +580,15 @@ class RequestPath:
             raise
         waited = time.monotonic() - now
         call.queued_s += waited
-        self.sup.metrics.observe_wait(name, waited)
+        self.metrics.observe_wait(name, waited)
         return ticket
 
     # -- one exchange with one replica ---------------------------------------------------------
     async def _exchange(self, request, call: Call, replica: Replica, ticket: Ticket) -> web.StreamResponse:
-        inc = replica.manager.current
-        assert inc is not None
-        key = next(self._keys)
-        ex = replica.manager.begin_request(inc, key)
-        t_start = time.monotonic()
-        outcome = _Outcome(replica, call, t_start, inc, key, self.sup.jobs_slot_free)
+        ex = InFlight(time.monotonic())
+        inc = replica.begin(ex)
+        t_start = ex.started
+        outcome = _Outcome(replica, call, t_start, inc, ex, self.run.slot_free)
         try:
             if call.deadline is None:  # the common case: no timer on the hot path
                 return await self._forward(request, call, replica, inc, ex, outcome, ticket, None)
@@ -730,8 +730,8 @@ class RequestPath:
         h["X-Request-ID"] = call.rid
         h["X-Supervisor-Queue-Ms"] = f"{call.queued_s * 1000:.3f}"
         h["X-Supervisor-Attempts"] = str(call.attempt)
-        if replica.manager.degraded:
-            h["X-Degraded"] = replica.manager.degraded
+        if replica.degraded:
+            h["X-Degraded"] = replica.degraded
         return h
 
     async def _relay(self, request, call, conn, inc, ex, headers, outcome, ticket, tm, first=()):
@@ -865,14 +865,14 @@ async def _fill(conn: UpstreamConnection, spool: ResponseSpool, ex, first=()) ->
 class _Outcome:
     """What one exchange tells the replica's breaker and the queue, told once."""
 
-    __slots__ = ("replica", "call", "t_start", "inc", "key", "status", "oom", "recorded", "finished", "freed")
+    __slots__ = ("replica", "call", "t_start", "inc", "ex", "status", "oom", "recorded", "finished", "freed")
 
-    def __init__(self, replica: Replica, call: Call, t_start: float, inc: Incarnation, key: int,
+    def __init__(self, replica: Replica, call: Call, t_start: float, inc: Incarnation, ex: InFlight,
                  freed: Callable[[], None]):
         self.replica = replica
         self.freed = freed  # a slot is free: queued async jobs may take it
         self.inc = inc
-        self.key = key
+        self.ex = ex
         self.call = call
         self.t_start = t_start
         self.status = 0
@@ -888,7 +888,7 @@ class _Outcome:
         b = self.replica.breaker
         if self.status == 500 and not self.oom:
             b.record_server_error(now - self.t_start, now, self.t_start, self.call.client or self.call.peer,
-                                  self.replica.manager.probe_failures > 0)
+                                  self.replica.probe_failures > 0)
             return
         b.record(self.status < 500 and not self.oom, now - self.t_start, now, self.t_start)
 
@@ -904,7 +904,7 @@ class _Outcome:
             return
         self.finished = True
         self.call.group.queue.release(ticket, time.monotonic() - self.t_start)
-        self.replica.manager.end_request(self.inc, self.key, self.oom)
+        self.replica.end(self.inc, self.ex, self.oom)
         self.freed()
 
 
@@ -949,3 +949,8 @@ def _body_model(body: bytes) -> str | None:
     if not isinstance(m, str):
         raise Rejected("bad_request", f"model: must be a string naming a served model, not {type(m).__name__}")
     return m
+
+
+def _degraded(fleet: Fleet) -> dict[str, str] | None:
+    d = fleet.degraded()
+    return {"X-Degraded": d} if d else None

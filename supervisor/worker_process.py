@@ -147,8 +147,9 @@ class ExitInfo:
         }
 
 
-class Exchange:
-    """One request in flight on an incarnation: when it began, and its worker connection once sent."""
+class InFlight:
+    """One request in flight on an incarnation, as its lifecycle sees it (the request path's exchange
+    is one): when it began, and its worker connection once sent. Hang detection reads its activity."""
 
     __slots__ = ("started", "conn", "client_wait")
 
@@ -186,7 +187,7 @@ class Incarnation:
         self.served = 0
         self.recycle_jitter = 0
         self.recycle_asked = False
-        self.inflight: dict[int, Exchange] = {}  # request key -> exchange, oldest first
+        self.inflight: dict[int, InFlight] = {}  # id(exchange) -> exchange, oldest first
         self.idle = asyncio.Event()
         self.idle.set()
         self.tasks: list[asyncio.Task] = []
@@ -299,16 +300,15 @@ class WorkerManager:
         return len(inc.inflight) if inc is not None else 0
 
     # -- requests (called by the proxy) --------------------------------------------------------
-    def begin_request(self, inc: Incarnation, key: int) -> Exchange:
+    def begin_request(self, inc: Incarnation, ex: InFlight) -> None:
         if not inc.inflight:
             inc.idle.clear()
             if self.state is WorkerState.READY and inc is self.current:
                 self._move(WorkerState.BUSY, "request", "debug")
-        ex = inc.inflight[key] = Exchange(time.monotonic())
-        return ex
+        inc.inflight[id(ex)] = ex
 
-    def end_request(self, inc: Incarnation, key: int, oom: bool = False) -> None:
-        if inc.inflight.pop(key, None) is not None:
+    def end_request(self, inc: Incarnation, ex: InFlight, oom: bool = False) -> None:
+        if inc.inflight.pop(id(ex), None) is not None:
             inc.served += 1
             rc = self.spec.recycle
             if (not inc.recycle_asked and inc is self.current

@@ -1,7 +1,8 @@
-"""The supervisor: the one object that holds the fleet, the request path, the pressure and GPU-room control,
-and the counters, and applies a new configuration to all of them at once.
+"""The supervisor: the one object that holds the fleet, the request path, pressure control and the
+counters, and applies a new configuration to all of them at once.
 
-It outlives every worker; `handle()` is the daemon's entry for every proxied request.
+It outlives every worker; `handle()` is the daemon's entry for every proxied request. It hears the
+fleet's events (FleetEvents) and turns them into metrics, job wake-ups and pid-file writes.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from aiohttp import web
 
 from .config import LoadedConfig, Settings
 from .errors import Rejected
-from .fleet import Fleet, ReloadSummary, Replica
-from .gpu_room import GpuRoom
-from .gpu_watch import Nvml, Reading
+from .fleet import ExitInfo, Fleet, ReloadSummary, Replica
+from .gpu_watch import Nvml
 from .jobs.manager import JobManager
 from .jobs.metrics import job_metrics
 from .jobs.settings import resolve_state_dir, store_spec
@@ -26,9 +26,8 @@ from .metrics import Metrics
 from .pressure_control import PressureControl
 from .proxy import RequestPath
 from .runstate import RunState
-from .states import SERVING_STATES, UNLOAD_EXITS, BreakerState, ExitReason, WorkerState
+from .states import SERVING_STATES, UNLOAD_EXITS, BreakerState, WorkerState
 from .status_view import metrics_state, render_status
-from .worker_process import ExitInfo
 
 log = structlog.get_logger("supervisor.app")
 
@@ -59,17 +58,11 @@ class Supervisor:
         self.active = 0  # requests inside handle(), queued or running
         self._idle = asyncio.Event()
         self._idle.set()
-        self.pids_changed = asyncio.Event()  # a worker process started: the pid file wants writing
-        self.room = GpuRoom(self)
-        self.fleet = Fleet(self.settings, runtime_dir, base_env, on_state=self._replica_changed,
-                           on_exit=self._replica_exited, on_breaker=self._breaker_changed,
-                           gate_factory=lambda r: (lambda: self.room.admit(r)),
-                           on_protocol_error=lambda kind: self.metrics.worker_protocol_errors.labels(kind).inc(),
-                           on_spawn=self.pids_changed.set, on_idle=self._replica_idle,
-                           on_models=lambda: self.path.models_changed(), gpus_seen=gpus_seen)
-        self.pressure = PressureControl(self, nvml_factory)
+        self.pids_event = asyncio.Event()  # a worker process started: the pid file wants writing
+        self.fleet = Fleet(self.settings, runtime_dir, base_env, self, gpus_seen=gpus_seen)
+        self.room = self.fleet.room
+        self.pressure = PressureControl(self.settings, self.fleet, self.metrics, nvml_factory)
         self.fleet.queue_gate = self._gpu_fits
-        self.fleet.room = self.room
         self.path = RequestPath(self.settings, self.fleet, self.metrics, self.pressure, self.run)
         self.metrics.attach_state(self._metrics_state)
 
@@ -80,13 +73,12 @@ class Supervisor:
     @property
     def worker(self):
         """The first worker's first replica (what the single-worker form calls "the worker")."""
-        return self.fleet.first().manager
+        return self.fleet.first()
 
     # -- life ----------------------------------------------------------------------------------
     def start(self) -> None:
         self.fleet.start()
         self.pressure.start()
-        self.room.start()
 
     async def open_jobs(self, state_env: dict[str, str], consumer: str) -> None:
         """The durable job store and its manager (SQLite in the state directory unless configured)."""
@@ -104,7 +96,6 @@ class Supervisor:
     async def aclose(self) -> None:
         if self.jobs is not None:
             await self.jobs.aclose(grace_s=0.0)
-        await self.room.aclose()
         await self.pressure.aclose()
         await self.fleet.aclose()
 
@@ -113,56 +104,51 @@ class Supervisor:
         self.loaded = loaded
         self.config_generation += 1
         self.config_loaded_at = time.time()
-        old = self.settings
         self.settings = loaded.settings
-        for r in self.fleet.replicas():
-            if r.manager.degraded:
-                r.manager.log.info("fallback_cleared", reason="operator reload")
-                r.manager.degraded = None
-                r.manager.env_override = {}
-                r.manager.oom_restarts = 0
-                r.manager.request_restart(ExitReason.RELOAD)
+        self.fleet.clear_fallbacks()
         done = self.fleet.apply(self.settings)
         self.run.drain_timeout_s = self.settings.drain.timeout_s
         self.path.derive(self.settings)
-        self.pressure.reconfigure(old)
+        self.pressure.reconfigure(self.settings)
         self.room.changed()
         return done
 
-    # -- callbacks from the fleet --------------------------------------------------------------
-    def _breaker_changed(self, r: Replica, old: BreakerState, new: BreakerState, reason: str) -> None:
+    # -- what the fleet reports (FleetEvents) --------------------------------------------------
+    def breaker_moved(self, r: Replica, old: BreakerState, new: BreakerState, reason: str) -> None:
         log.info("breaker_state", worker=r.worker, replica=r.index, old=old.value, new=new.value, reason=reason)
         self.metrics.breaker_transitions.labels(new.value).inc()
 
-    def _replica_changed(self, r: Replica, old: WorkerState, new: WorkerState, reason: str) -> None:
-        if new is WorkerState.READY and old is WorkerState.STARTING and r.manager.last_start_s is not None:
-            self.metrics.worker_start.observe(r.manager.last_start_s)
-        self.room.on_state(r, new)
-        if new is WorkerState.READY:
-            self.jobs_slot_free()  # queued jobs for it may start now
-        g = self.fleet.groups.get(r.worker)
-        if new is WorkerState.UNLOADED and g is not None and g.queue.total > 0 and self.room.refusal(r) is None:
-            # requests wait for it (they came while it was being evicted or unloaded): start it again
-            r.manager.load()
+    def replica_moved(self, r: Replica, old: WorkerState, new: WorkerState, reason: str) -> None:
+        if new is WorkerState.READY and old is WorkerState.STARTING and r.last_start_s is not None:
+            self.metrics.worker_start.observe(r.last_start_s)
 
-    def _replica_idle(self) -> None:
-        self.room.changed()  # an idle replica may now be evicted for a waiter
-        self.jobs_slot_free()
-
-    def _replica_exited(self, r: Replica, info: ExitInfo) -> None:
+    def replica_exited(self, r: Replica, info: ExitInfo) -> None:
         if info.reason in UNLOAD_EXITS:
             self.metrics.worker_unloads.labels(r.worker, info.reason.value).inc()
         else:
             self.metrics.worker_restarts.labels(r.worker, r.label, info.reason.value).inc()
         self.pressure.after_exit(r, info)
 
+    def slot_free(self) -> None:
+        self.run.slot_free()
+
+    def pids_changed(self) -> None:
+        self.pids_event.set()
+
+    def models_changed(self) -> None:
+        self.path.models_changed()
+
+    def protocol_error(self, kind: str) -> None:
+        self.metrics.worker_protocol_errors.labels(kind).inc()
+
+    def supervision_failed(self) -> None:
+        if self.on_supervision_failed is not None:
+            self.on_supervision_failed()
+
+    on_supervision_failed = None  # the daemon's: exit non-zero rather than serve without a worker
+
     def worker_pids(self) -> list[int]:
-        out = []
-        for r in self.fleet.replicas():
-            inc = r.manager.current
-            if inc is not None and inc.pid and not inc.exited.is_set():
-                out.append(inc.pid)
-        return out
+        return list(self.fleet.replica_pids().values())
 
     def _gpu_fits(self, mb: int) -> bool:
         """A route's gpu_memory_mb: is that much free on every GPU, after what running requests reserved?"""
@@ -174,18 +160,12 @@ class Supervisor:
         reserved = sum(g.queue.reserved_mb for g in self.fleet.groups.values())
         return free - reserved * 1048576 >= mb * 1048576
 
-    def ledger_reading(self, reading: Reading) -> None:
-        self.room.on_reading(reading)
-
     def degraded_header(self) -> dict[str, str] | None:
         d = self.degraded()
         return {"X-Degraded": d} if d else None
 
     def degraded(self) -> str | None:
         return self.fleet.degraded()
-
-    def jobs_slot_free(self) -> None:
-        self.run.slot_free()
 
     def shutting_down(self) -> Rejected:
         return self.run.shutting_down()
@@ -247,10 +227,10 @@ class Supervisor:
         tail = f"queue {self.queued()}, inflight {self.inflight()}"
         if len(groups) == 1 and len(groups[0].replicas) == 1:
             r = groups[0].replicas[0]
-            return f"worker {r.manager.state.value}, {tail}, breaker {r.breaker.state.value}"
+            return f"worker {r.state.value}, {tail}, breaker {r.breaker.state.value}"
         parts = []
         for g in groups:
-            up = sum(1 for r in g.replicas if r.manager.state in SERVING_STATES)
+            up = sum(1 for r in g.replicas if r.state in SERVING_STATES)
             parts.append(f"{g.name} {up}/{len(g.replicas)} up")
         return f"workers: {', '.join(parts)}; {tail}"
 

@@ -29,6 +29,7 @@ from . import leftovers, logs, ui
 from .app import Supervisor
 from .errors import error_response
 from .fairness import client_key
+from .fleet.process import MAX_SOCKET_PATH
 from .gpu_watch import Nvml, count_devices
 from .guard import Guard
 from .jobs.api import Caller, JobsApi
@@ -36,7 +37,6 @@ from .jobs.settings import resolve_state_dir
 from .jobs.store import StoreCorrupt
 from .sd_notify import Notifier
 from .states import SERVING_STATES
-from .worker_process import MAX_SOCKET_PATH
 
 log = structlog.get_logger("supervisor.daemon")
 
@@ -301,7 +301,7 @@ class Daemon:
                 for sig, fn in ((signal.SIGTERM, self._on_stop_signal), (signal.SIGINT, self._on_stop_signal),
                                 (signal.SIGHUP, self.reload_wanted.set)):
                     loop.add_signal_handler(sig, fn)
-            sup.fleet.on_task_failed = self._fleet_failed
+            sup.on_supervision_failed = self._fleet_failed
             tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
             tasks.append(asyncio.create_task(self._notify_ready(), name="notify"))
             tasks.append(asyncio.create_task(self._loop_lag(), name="loop-lag"))
@@ -351,8 +351,8 @@ class Daemon:
         sup = self.sup
         assert sup is not None
         while True:
-            await sup.pids_changed.wait()
-            sup.pids_changed.clear()
+            await sup.pids_event.wait()
+            sup.pids_event.clear()
             try:
                 await asyncio.to_thread(leftovers.write, path, os.getpid(), sup.worker_pids())
             except OSError as exc:
@@ -429,7 +429,7 @@ class Daemon:
     async def _notify_ready(self) -> None:
         sup = self.sup
         assert sup is not None
-        eager = [r.manager for r in sup.fleet.replicas() if r.manager.spec.start == "eager"]
+        eager = [r for r in sup.fleet.replicas() if r.spec.start == "eager"]
         if eager:  # READY=1 once the first eager replica answers health
             waiters = [asyncio.ensure_future(m.ready.wait()) for m in eager]
             try:

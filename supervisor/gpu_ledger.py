@@ -90,21 +90,23 @@ def _take(candidates: Sequence[Resident], amount: int) -> tuple[Resident, ...] |
     return None
 
 
-def plan_start(
-    need_bytes: int,
-    gpu: int,
-    capacity: int | None,
-    residents: Iterable[Resident],
-    foreign: int,
-    now: float,
-    *,
-    min_resident_s: float = 0.0,
-    max_starvation_s: float | None,
-    waiting_since: float | None,
-    settling: bool,
-    retry_hint_s: float | None = None,
-) -> Plan:
-    """Start, evict, wait or refuse: the choice for one replica that needs `need_bytes` on `gpu`.
+@dataclass(frozen=True)
+class StartAsk:
+    """One replica's ask for room: what it needs on which GPU, and what the GPU has."""
+
+    need_bytes: int
+    gpu: int
+    capacity: int | None  # None: neither NVML nor a budget knows this GPU
+    foreign: int = 0  # used by processes not ours
+    min_resident_s: float = 0.0
+    max_starvation_s: float | None = None
+    waiting_since: float | None = None
+    settling: bool = False
+    retry_hint_s: float | None = None
+
+
+def plan_start(ask: StartAsk, residents: Iterable[Resident], now: float) -> Plan:
+    """Start, evict, wait or refuse: the choice for one replica that needs `ask.need_bytes` on `ask.gpu`.
 
     `settling`: a stop on this GPU has not shown its memory back in NVML yet (within `settle_timeout_s`); no
     more evictions until it has, since a stale reading would make the shortfall look larger than it is.
@@ -113,6 +115,8 @@ def plan_start(
     drain. `retry_hint_s` (e.g. the time left to the waiter's deadline) is the Retry-After of a wait on busy
     replicas, whose end nobody knows.
     """
+    need_bytes, gpu, capacity, foreign = ask.need_bytes, ask.gpu, ask.capacity, ask.foreign
+    min_resident_s, settling, retry_hint_s = ask.min_resident_s, ask.settling, ask.retry_hint_s
     if capacity is None:
         return Plan("start", "unknown_capacity")
     here = [r for r in residents if r.gpu == gpu and r.holds]
@@ -149,12 +153,36 @@ def plan_start(
         return Plan("wait", "min_resident", retry_after_s=chosen[-1].may_go_at(min_resident_s) - now)
 
     short -= sum(r.footprint for r in young)
-    starved = waiting_since is not None and max_starvation_s is not None and now - waiting_since >= max_starvation_s
+    starved = (ask.waiting_since is not None and ask.max_starvation_s is not None
+               and now - ask.waiting_since >= ask.max_starvation_s)
     if not starved:
         return Plan("wait", "busy", retry_after_s=retry)
     busy = sorted((r for r in here if free(r) and r.busy), key=lambda r: r.last_used)
     chosen = _take(busy, short) or tuple(busy)   # never None: the refusal above leaves enough unpinned memory
     return Plan("wait", "starved", drain=tuple(r.key for r in chosen), retry_after_s=retry)
+
+
+@dataclass(frozen=True)
+class GateStep:
+    """What the gate does for one waiting replica now: start it, refuse it for good, or wait (evicting
+    and draining others meanwhile) and look again after `retry_after_s`."""
+
+    action: Literal["start", "refuse", "wait"]
+    reason: str
+    evict: tuple[Hashable, ...] = ()
+    drain: tuple[Hashable, ...] = ()
+    retry_after_s: float = DEFAULT_RETRY_S
+
+
+def gate_step(plan: Plan, key: Hashable, first: Hashable | None) -> GateStep:
+    """The plan for `key`, given `first`, the longest waiter on its GPU: only the first waiter starts on
+    a known GPU (FIFO) or evicts; a refusal that others' use may lift (`foreign`) is waited out."""
+    if plan.action == "start" and (first in (None, key) or plan.reason == "unknown_capacity"):
+        return GateStep("start", plan.reason)
+    if plan.action == "refuse" and plan.reason != "foreign":
+        return GateStep("refuse", plan.reason)
+    evict = plan.evict if plan.action == "evict" and first == key else ()
+    return GateStep("wait", plan.reason, evict, plan.drain, plan.retry_after_s or DEFAULT_RETRY_S)
 
 
 def idle_due(resident: Resident, idle_unload_s: float, now: float) -> bool:

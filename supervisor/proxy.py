@@ -23,7 +23,8 @@ from multidict import CIMultiDict
 
 from .errors import ERROR_TYPES, Rejected, error_event, error_response
 from .fairness import client_key
-from .jobs.api import job_request, submit_error_response, submit_response, wants_async
+from .fleet.process import Incarnation, InFlight
+from .jobs.api import JobTerms, job_request, submit_error_response, submit_response, wants_async
 from .jobs.manager import CallbackRefused
 from .jobs.model import JobFailed, JobRequest, JobResult
 from .jobs.store import Conflict, Full, StoreUnavailable
@@ -33,7 +34,6 @@ from .request_queue import GRANTED, QueueFull, Ticket
 from .response_spool import ResponseSpool, SpoolError, SpoolFull
 from .states import ExitReason
 from .upstream import UpstreamConnection, UpstreamError
-from .worker_process import Incarnation, InFlight
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -273,10 +273,10 @@ class RequestPath:
         route = call.route
         if timeout_s is None and route is not None and route.timeout_s is not None:
             timeout_s = route.timeout_s
+        terms = JobTerms(priority=self._level_names[call.level], timeout_s=timeout_s, retry_safe=call.retry_ok,
+                         worker=call.worker_label, fairness_key=call.client)
         req = job_request(call.method, request.raw_path, request.headers.items(), call.body, now=jobs.now(),
-                          priority=self._level_names[call.level], timeout_s=timeout_s,
-                          retry_safe=call.retry_ok,
-                          worker=call.worker_label, fairness_key=call.client)
+                          terms=terms)
         try:
             job, _ = await jobs.submit(req)
         except JOB_SUBMIT_ERRORS as exc:

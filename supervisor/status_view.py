@@ -20,16 +20,16 @@ def _breaker(r: Replica, now: float) -> dict:
 
 
 def _replica(sup: Supervisor, r: Replica, now: float) -> dict:
-    m = r.manager.status()
+    m = r.status()
     return {
         "index": r.index, "gpu": r.gpu, "state": m["state"], "pid": m["pid"], "restarts": m["restarts"],
         "last_exit": m["last_exit"], "started_at": m["started_at"], "inflight": m["inflight"],
         "served": m["requests_served"], "breaker": _breaker(r, now), "rss_bytes": r.rss_bytes,
         "gpu_memory_bytes": r.gpu_memory_bytes, "gpu_memory_need_bytes": sup.room.need_bytes(r),
-        "gpu_memory_declared_bytes": r.manager.spec.gpu_memory_mb << 20, "gpu_memory_learned_bytes": r.gpu_peak_bytes,
+        "gpu_memory_declared_bytes": r.spec.gpu_memory_mb << 20, "gpu_memory_learned_bytes": r.gpu_peak_bytes,
         "degraded": m["degraded"], "backoff_s": m["backoff_s"],
-        "waiting_for_room": (r.worker, r.index) in sup.room.waiting_since,
-        "refused": sup.room.refused.get((r.worker, r.index)),
+        "waiting_for_room": r.room.waiting_since is not None,
+        "refused": r.room.refused,
     }
 
 
@@ -68,7 +68,7 @@ def render_status(sup: Supervisor) -> dict:
             "pinned": g.spec.pinned, "idle_unload_s": g.spec.idle_unload_s,
             "replicas": [_replica(sup, r, now) for r in g.replicas], "queue": q,
         }
-    fm = first.manager.status()
+    fm = first.status()
     gpu = dict(sup.pressure.gpu_status)
     gpu["ledger"] = sup.room.status()
     out = {
@@ -97,9 +97,8 @@ def render_status(sup: Supervisor) -> dict:
 def metrics_state(sup: Supervisor) -> dict:
     reps = []
     for r in sup.fleet.replicas():
-        m = r.manager
-        reps.append({"worker": r.worker, "replica": r.label, "inflight": m.inflight,
-                     "up": 1 if m.state in SERVING_STATES else 0, "state": m.state.value,
+        reps.append({"worker": r.worker, "replica": r.label, "inflight": r.inflight,
+                     "up": 1 if r.state in SERVING_STATES else 0, "state": r.state.value,
                      "rss_bytes": r.rss_bytes, "gpu_memory_bytes": r.gpu_memory_bytes,
                      "breaker": r.breaker.state.value})
     return {

@@ -12,6 +12,7 @@ from supervisor.gpu_ledger import (
     MIB,
     Plan,
     Resident,
+    StartAsk,
     WorkerNeed,
     capacity_bytes,
     check_static_fit,
@@ -29,9 +30,10 @@ CAP = 1000 * MIB
 def plan(need_mb: int, residents: list[Resident], *, capacity: int | None = CAP, foreign: int = 0, now: float = 100.0,
          min_resident_s: float = 0.0, max_starvation_s: float | None = None, waiting_since: float | None = None,
          settling: bool = False, retry_hint_s: float | None = None) -> Plan:
-    return plan_start(need_mb * MIB, 0, capacity, residents, foreign, now, min_resident_s=min_resident_s,
-                      max_starvation_s=max_starvation_s, waiting_since=waiting_since, settling=settling,
-                      retry_hint_s=retry_hint_s)
+    ask = StartAsk(need_mb * MIB, 0, capacity, foreign, min_resident_s=min_resident_s,
+                   max_starvation_s=max_starvation_s, waiting_since=waiting_since, settling=settling,
+                   retry_hint_s=retry_hint_s)
+    return plan_start(ask, residents, now)
 
 
 def res(key: str, mb: int, **kw: object) -> Resident:
@@ -347,8 +349,9 @@ residents_st = st.lists(
 def test_plans_respect_the_ledger(residents: list[Resident], need: int, capacity: int, foreign: int, now: float,
                                   min_resident_s: float, waiting_since: float | None, max_starvation_s: float | None,
                                   settling: bool) -> None:
-    p = plan_start(need, 0, capacity, residents, foreign, now, min_resident_s=min_resident_s,
-                   max_starvation_s=max_starvation_s, waiting_since=waiting_since, settling=settling)
+    p = plan_start(StartAsk(need, 0, capacity, foreign, min_resident_s=min_resident_s,
+                            max_starvation_s=max_starvation_s, waiting_since=waiting_since, settling=settling),
+                   residents, now)
     here = [r for r in residents if r.gpu == 0 and r.holds]
     by_key = {r.key: r for r in residents}
     held = held_bytes(here, foreign)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from supervisor.jobs.api import JobsApi, job_request, submit_error_response, submit_response, wants_async
+from supervisor.jobs.api import JobsApi, JobTerms, job_request, submit_error_response, submit_response, wants_async
 from supervisor.jobs.manager import CallbackRefused, JobManager
 from supervisor.jobs.settings import parse_store_url
 from supervisor.jobs.store import Conflict, Full, StoreUnavailable, open_store
@@ -34,7 +34,7 @@ def test_wants_async() -> None:
 def test_job_request_keeps_end_to_end_headers() -> None:
     r = job_request("post", "/v1/x?a=1", [("Prefer", "respond-async"), ("Connection", "keep-alive"),
                                           ("Idempotency-Key", "k"), ("Content-Length", "3"), ("X-A", "1")],
-                    b"abc", now=100.0, timeout_s=5, retry_safe=True)
+                    b"abc", now=100.0, terms=JobTerms(timeout_s=5, retry_safe=True))
     assert r.method == "POST" and r.headers == (("Idempotency-Key", "k"), ("X-A", "1"))
     assert r.idempotency_key == "k" and r.deadline_at == 105.0 and r.created_at == 100.0 and r.retry_safe
 
@@ -45,7 +45,7 @@ def make_app(m: JobManager) -> web.Application:
         if not wants_async(request.headers.getall("Prefer", [])):
             return web.Response(text="sync path")
         req = job_request(request.method, request.raw_path, request.headers.items(), await request.read(),
-                          now=m.now(), retry_safe=request.method in ("GET", "PUT"))
+                          now=m.now(), terms=JobTerms(retry_safe=request.method in ("GET", "PUT")))
         try:
             job, _ = await m.submit(req)
         except (CallbackRefused, Conflict, Full, StoreUnavailable) as exc:

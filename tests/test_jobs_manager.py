@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from supervisor.jobs.api import job_request
+from supervisor.jobs.api import JobTerms, job_request
 from supervisor.jobs.manager import CallbackRefused, JobManager
 from supervisor.jobs.metrics import job_metrics
 from supervisor.jobs.model import JobFailed, JobRequest, JobResult, JobStatus
@@ -83,8 +83,8 @@ def fast(**kw) -> JobsSettings:
 def jreq(target: str = "/echo", method: str = "POST", body: bytes = b'{"q": 1}', retry_safe: bool = False,
          headers: tuple = (), timeout_s: float | None = None) -> JobRequest:
     return job_request(method, target, (("Content-Type", "application/json"), ("X-Trace", "abc"), *headers),
-                       body, now=time.time(), priority="normal", timeout_s=timeout_s, retry_safe=retry_safe,
-                       worker="default")
+                       body, now=time.time(), terms=JobTerms(priority="normal", timeout_s=timeout_s,
+                                                             retry_safe=retry_safe, worker="default"))
 
 
 @pytest.fixture

@@ -6,16 +6,21 @@ import signal
 
 import pytest
 
-from supervisor.states import WORKER_MOVES, ExitReason, IllegalTransition, WorkerState, check_move
-from supervisor.worker_process import (
+from supervisor.fleet.process import (
+    ExitEvidence,
     backoff_delay,
     classify_exit,
     counter_value,
     crash_loop_clears_at,
     in_crash_loop,
 )
+from supervisor.states import WORKER_MOVES, ExitReason, IllegalTransition, WorkerState, check_move
 
 W = WorkerState
+
+
+def why(*args, **kw) -> ExitReason:
+    return classify_exit(ExitEvidence(*args, **kw))
 
 
 def test_every_state_has_moves_and_targets_are_states():
@@ -53,22 +58,22 @@ def test_backoff_grows_exponentially_with_jitter_and_caps():
 
 def test_classify_our_own_stop_wins():
     for reason in (ExitReason.HANG, ExitReason.RECYCLE, ExitReason.PRESSURE, ExitReason.RELOAD):
-        assert classify_exit(-9, reason, True, True, ["CUDA out of memory"], True) is reason
+        assert why(-9, reason, True, True, ["CUDA out of memory"], True) is reason
 
 
 def test_classify_oom_from_tail():
     tail = ["Traceback (most recent call last):", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate"]
-    assert classify_exit(1, None, False, True, tail, False) is ExitReason.OOM
-    assert classify_exit(1, None, False, False, tail, False) is ExitReason.OOM  # even before ready
+    assert why(1, None, False, True, tail, False) is ExitReason.OOM
+    assert why(1, None, False, False, tail, False) is ExitReason.OOM  # even before ready
 
 
 def test_classify_sigkill_we_did_not_send_needs_a_sign_to_be_oom():
     # no sign of OOM: somebody killed it
-    assert classify_exit(-signal.SIGKILL, None, False, True, [], False) is ExitReason.KILLED
+    assert why(-signal.SIGKILL, None, False, True, [], False) is ExitReason.KILLED
     # the kernel's oom_kill counter moved while it ran, or it answered OOM just before
-    assert classify_exit(-signal.SIGKILL, None, False, True, [], False, kernel_oom_kill=True) is ExitReason.OOM
-    assert classify_exit(-signal.SIGKILL, None, False, True, [], True) is ExitReason.OOM
-    assert classify_exit(-signal.SIGKILL, None, False, True, ["CUDA out of memory"], False) is ExitReason.OOM
+    assert why(-signal.SIGKILL, None, False, True, [], False, kernel_oom_kill=True) is ExitReason.OOM
+    assert why(-signal.SIGKILL, None, False, True, [], True) is ExitReason.OOM
+    assert why(-signal.SIGKILL, None, False, True, ["CUDA out of memory"], False) is ExitReason.OOM
 
 
 def test_counter_value_reads_prometheus_text():
@@ -80,13 +85,13 @@ def test_counter_value_reads_prometheus_text():
 
 
 def test_classify_crash_and_start_failure():
-    assert classify_exit(3, None, False, True, ["boom"], False) is ExitReason.CRASH
-    assert classify_exit(-signal.SIGSEGV, None, False, True, [], False) is ExitReason.CRASH
-    assert classify_exit(1, None, False, False, ["ImportError: no module"], False) is ExitReason.START_FAILURE
+    assert why(3, None, False, True, ["boom"], False) is ExitReason.CRASH
+    assert why(-signal.SIGSEGV, None, False, True, [], False) is ExitReason.CRASH
+    assert why(1, None, False, False, ["ImportError: no module"], False) is ExitReason.START_FAILURE
 
 
 def test_classify_oom_answer_just_before_death():
-    assert classify_exit(1, None, False, True, [], True) is ExitReason.OOM
+    assert why(1, None, False, True, [], True) is ExitReason.OOM
 
 
 def test_crash_loop_counts_only_the_window():

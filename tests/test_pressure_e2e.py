@@ -313,7 +313,7 @@ async def test_pressure_restarts_that_do_not_help_are_spaced_out(inproc):
         await watcher.wait_reading(watcher.reading)
     assert (await ip.status())["worker"]["restarts"] == 1
     await wait_until(lambda: _restarts(ip, 2), 20, "second pressure restart, later")
-    assert ip.daemon.sup.pressure._streak == 2
+    assert ip.daemon.sup.pressure.streak.count == 2
 
 
 async def _restarts(ip, n):

@@ -34,11 +34,24 @@ def wants_async(prefer: Iterable[str]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class JobTerms:
+    """How an accepted submission runs: its priority, its time limit, whether it may be repeated, the
+    worker it was routed to and the client (fairness key) it belongs to."""
+
+    priority: str | None = None
+    timeout_s: float | None = None
+    retry_safe: bool = False
+    worker: str | None = None
+    fairness_key: str | None = None
+
+
 def job_request(method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes, *, now: float,
-                priority: str | None = None, timeout_s: float | None = None, retry_safe: bool = False,
-                worker: str | None = None, fairness_key: str | None = None) -> JobRequest:
+                terms: JobTerms = JobTerms()) -> JobRequest:
     """The JobRequest for an accepted async submission: end-to-end headers only (Prefer is ours),
     the deadline counted from `now` (wall clock), the Idempotency-Key picked out."""
+    priority, timeout_s, retry_safe = terms.priority, terms.timeout_s, terms.retry_safe
+    worker, fairness_key = terms.worker, terms.fairness_key
     kept = tuple((k, v) for k, v in headers if k.lower() not in HOP_BY_HOP)
     idem = next((v for k, v in kept if k.lower() == "idempotency-key"), None)
     if idem is not None and fairness_key is not None:

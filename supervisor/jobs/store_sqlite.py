@@ -287,10 +287,11 @@ class SqliteJobStore:
 
     async def finish(self, job: Job, status: JobStatus, result: JobResult | None, error: JobError | None,
                      now: float, result_ttl_s: float) -> Job | None:
-        return await self._call(self._finish, job.id, job.attempts, status, result, error, now, result_ttl_s)
+        return await self._call(self._finish, job, status, result, error, now, result_ttl_s)
 
-    def _finish(self, job_id: str, attempts: int, status: JobStatus, result: JobResult | None,
-                error: JobError | None, now: float, ttl: float) -> Job | None:
+    def _finish(self, job: Job, status: JobStatus, result: JobResult | None, error: JobError | None, now: float,
+                ttl: float) -> Job | None:
+        job_id, attempts = job.id, job.attempts
         cur = self._conn().execute(
             "UPDATE jobs SET status = ?, finished_at = ?, expires_at = ?, result_status = ?, "
             "result_content_type = ?, result_bytes = ?, result_body = ?, error_type = ?, error_message = ?, "

@@ -57,7 +57,7 @@ from bench.bench_proxy import PY  # noqa: E402
 from bench.common import parse_wrk, pct  # noqa: E402
 from supervisor import config as cfg  # noqa: E402
 from supervisor import logs  # noqa: E402
-from supervisor import proxy as proxy_mod  # noqa: E402
+from supervisor.app import Supervisor  # noqa: E402
 from supervisor.daemon import Daemon, Environment  # noqa: E402
 from tests.fake_nvml import FakeNvml  # noqa: E402
 from tests.harness import fast_config, wait_until  # noqa: E402
@@ -314,9 +314,9 @@ async def cost_run(tmp: Path, scenario: str, args, sampler: LagSampler) -> dict:
     if scenario == "nvml-0.1":
         nvml = SlowFakeNvml(args.nvml_call_ms / 1000, devices=1, total=TOTAL)
         nvml.used[0] = int(0.40 * TOTAL)
-    orig_start = proxy_mod.Supervisor.start
+    orig_start = Supervisor.start
     if scenario == "none":
-        proxy_mod.Supervisor.start = lambda self: None
+        Supervisor.start = lambda self: None
     try:
         async with InProc(tmp, proxy_settings(scenario), nvml, "warning") as ip:
             d = ip.daemon
@@ -374,7 +374,7 @@ async def cost_run(tmp: Path, scenario: str, args, sampler: LagSampler) -> dict:
                 "worker_rss_bytes": reading.worker_rss_bytes if reading else None,
             }
     finally:
-        proxy_mod.Supervisor.start = orig_start
+        Supervisor.start = orig_start
 
 
 def print_cost(rows: list[dict]) -> None:

@@ -18,13 +18,13 @@ from .config import LoadedConfig, Settings
 from .errors import Rejected
 from .fleet import ExitInfo, Fleet, ReloadSummary, Replica
 from .gpu_watch import Nvml
+from .http import RequestPath
 from .jobs.manager import JobManager
 from .jobs.metrics import job_metrics
 from .jobs.settings import resolve_state_dir, store_spec
 from .jobs.store import StoreUnavailable, open_store
 from .metrics import Metrics
 from .pressure_control import PressureControl
-from .proxy import RequestPath
 from .runstate import RunState
 from .states import SERVING_STATES, UNLOAD_EXITS, BreakerState, WorkerState
 from .status_view import metrics_state, render_status

@@ -1,0 +1,143 @@
+"""The request path's front (`RequestPath`): each request and each job delivery in, exactly one answer
+out, counted and logged; the work itself is admission's, the dispatcher's and an exchange's."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+
+from ..errors import ERROR_TYPES, Rejected
+from ..jobs.api import wants_async
+from ..jobs.model import JobFailed, JobRequest, JobResult
+from .admit import Admission
+from .call import Call, CallPlanner
+from .dispatch import Dispatcher
+from .exchange import Wire
+from .framing import send_continue
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..fleet import Fleet
+    from ..metrics import Metrics
+    from ..pressure_control import PressureControl
+    from ..runstate import RunState
+
+access_log = structlog.get_logger("supervisor.access")
+
+REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
+CLIENT_CLOSED = 499  # requests_total code for a client that left before its answer was complete
+
+
+class RequestPath:
+    """Everything between a client's request and its one answer."""
+
+    def __init__(self, settings: Settings, fleet: Fleet, metrics: Metrics, pressure: PressureControl,
+                 run: RunState):
+        self.fleet = fleet
+        self.metrics = metrics
+        self.run = run
+        self._rid_prefix = os.urandom(11).hex()
+        self._rid_seq = itertools.count()
+        self.planner = CallPlanner(settings, fleet)
+        self.wire = Wire(settings, run.slot_free)
+        self.admission = Admission(settings, fleet, metrics, pressure, run, self.planner)
+        self.dispatcher = Dispatcher(fleet, metrics, pressure, run, self.planner, self.wire)
+        self.settings = settings
+
+    def derive(self, s: Settings) -> None:
+        self.settings = s
+        self.planner.derive(s)
+        self.wire.derive(s)
+        self.admission.derive(s)
+
+    def models_changed(self) -> None:
+        """What the fleet serves changed (discovery): whether routing reads the body's `model`."""
+        self.planner.models_changed()
+
+    def new_request_id(self) -> str:
+        # unique per process start (random prefix) and cheap: no syscall per request
+        return f"{self._rid_prefix}{next(self._rid_seq):010x}"
+
+    # -- a request -------------------------------------------------------------------------------
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        t0 = time.monotonic()
+        rid = request.headers.get("X-Request-ID")
+        call = Call(rid or "", t0, request.method, request.path, self.planner.default_level)
+        admission = self.admission
+        try:
+            if rid is None:
+                call.rid = self.new_request_id()
+            elif not REQUEST_ID_RE.match(rid):
+                call.rid = self.new_request_id()
+                raise Rejected("bad_request", "X-Request-ID: must be 1-200 visible ASCII characters")
+            if request.version < (1, 0):
+                # HTTP/0.9 has no status line or headers to answer with: refuse it by closing
+                admission.reject(Rejected("bad_request", "HTTP/0.9 is not supported"), call.rid)
+                self._observe(call, 400)
+                request.transport.close()
+                raise asyncio.CancelledError
+            admission.check_request_line(request)
+            if admission.asks_models(call):
+                resp = admission.models(call)
+            else:
+                resp = await self._serve(request, call)
+        except Rejected as r:
+            resp = admission.reject(r, call.rid)
+        except asyncio.CancelledError:
+            # the client went away (queued, running or mid-stream): counted as nginx does, 499
+            self._observe(call, CLIENT_CLOSED)
+            raise
+        self._observe(call, resp.status)
+        if self.settings.logging.access:
+            access_log.info("request", request_id=call.rid, method=call.method, path=call.path, status=resp.status,
+                            priority=self.planner.level_names[max(call.level, 0)], worker=call.worker_label,
+                            attempts=call.attempt, duration_ms=round((time.monotonic() - t0) * 1000, 3))
+        return resp
+
+    async def _serve(self, request: web.BaseRequest, call: Call) -> web.StreamResponse:
+        admission = self.admission
+        cl = await admission.route(request, call)
+        if self.run.jobs is not None and wants_async(request.headers.getall("Prefer", ())):
+            return await admission.submit_job(request, call)
+        admission.admit(call)
+        await send_continue(request, call)
+        await admission.take_body(request, call, cl)
+        return await self.dispatcher.dispatch(call, lambda ex: ex.answer(request))
+
+    def _observe(self, call: Call, code: int) -> None:
+        level = call.level if call.level >= 0 else self.planner.default_level
+        self.metrics.observe_request(self.planner.level_names[level], code, time.monotonic() - call.t0,
+                                     call.worker_label)
+
+    # -- a job -----------------------------------------------------------------------------------
+    def has_free_slot(self, req: JobRequest) -> bool:
+        """Whether a job could start now without waiting: its worker serves and has a free slot."""
+        try:
+            call = self.planner.job_call(req, "", time.time())
+        except Rejected:
+            return True  # it will fail at once: let it, so it ends
+        g = call.group
+        p = g.queue.pools.get(call.pool)
+        return p is not None and g.queue.open and p.waiting == 0 and p.in_use < p.slots
+
+    async def run_job(self, req: JobRequest, attempt: int, max_result_bytes: int) -> JobResult:
+        """One delivery of a job through the same routes, queue, replicas and retries as a request.
+        Takes its queue slot before its first await (the job manager counts on it)."""
+        rid = f"job-{req.id}-{attempt}"
+        call = Call(rid, time.monotonic(), req.method, "", self.planner.default_level)
+        try:
+            call = self.planner.job_call(req, rid, time.time())
+            self.admission.admit(call)
+            result = await self.dispatcher.dispatch(call, lambda ex: ex.result(req, max_result_bytes))
+        except Rejected as r:
+            self._observe(call, ERROR_TYPES[r.etype][0])
+            raise JobFailed(r.etype, r.message) from None
+        self._observe(call, result.status)
+        return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import os
@@ -240,6 +241,9 @@ class Daemon:
             if self.notifier.watchdog_s:
                 tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
             sup.start()
+            # what startup made (modules, settings, the fleet's records) lives as long as the daemon: keep it
+            # out of every later garbage collection, so a full one scans only what requests left behind
+            gc.freeze()
             fleet_started = True
             tasks.append(asyncio.create_task(sup.jobs.run(), name="jobs"))
             tasks.append(asyncio.create_task(self._record_pids(pids_path), name="pid-file"))

@@ -212,6 +212,9 @@ class _Answering:
             self._advance()
             return
         q.popleft()  # the usual case: nothing behind it, kept alive, idle from now
+        req = resp._req
+        if req is not None:
+            req._resp = None  # (each referred to the other: a cycle left to the GC on every request)
         self._idle = True
         when = self._deadline = self.loop.time() + self._idle_s
         if self._timer is None or when < self._timer_at:
@@ -228,6 +231,9 @@ class _Answering:
                     w.set_result(None)
                 break
             q.popleft()
+            req = r._req
+            if req is not None:
+                req._resp = None  # (each referred to the other: a cycle left to the GC on every request)
             out = r._out
             if out is not None:
                 r._out = None

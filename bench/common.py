@@ -57,9 +57,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 30.0) -> None:
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Until `url` answers 200; raises after `timeout`, or at once if `proc` (the server) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: its server exited (code {proc.returncode}) before answering")
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200:
@@ -94,9 +97,15 @@ def parse_wrk(out: str) -> dict:
             "non_2xx": int(errors.group(1)) if errors else 0, "socket_errors": sock_err.group(1) if sock_err else None}
 
 
-def wrk(url: str, connections: int, duration: int) -> dict:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
-                         capture_output=True, text=True, check=True, timeout=duration + 60).stdout
+def wrk(url: str, connections: int, duration: int, script: Path | None = None, timeout_s: int | None = None) -> dict:
+    """One wrk run, one thread; `script`: a Lua file for `-s` (method, body, headers); `timeout_s`: wrk's
+    per-request timeout (its default is 2 s)."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    if timeout_s is not None:
+        cmd += ["--timeout", f"{timeout_s}s"]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True, timeout=duration + 60).stdout
     return parse_wrk(out)
 
 

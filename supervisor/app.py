@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import structlog
-from aiohttp import web
 
 from .config import LoadedConfig, Settings
 from .errors import Rejected
 from .fleet import ExitInfo, Fleet, ReloadSummary, Replica
 from .gpu_watch import Nvml
 from .http import RequestPath
+from .http.wire import Request, Responder
 from .jobs.manager import JobManager
 from .jobs.metrics import job_metrics
 from .jobs.settings import resolve_state_dir, store_spec
@@ -184,11 +184,11 @@ class Supervisor:
         return not why, why
 
     # -- the request path and drain ------------------------------------------------------------
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request, responder: Responder) -> int:
         self.active += 1
         self._idle.clear()
         try:
-            return await self.path.handle(request)
+            return await self.path.handle(request, responder)
         finally:
             self.active -= 1
             if self.active == 0:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import os
-import re
 import signal
 import socket
 import tempfile
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from aiohttp import web, web_protocol
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import config as cfg
@@ -32,6 +32,9 @@ from .fairness import client_key
 from .fleet.process import MAX_SOCKET_PATH
 from .gpu_watch import Nvml, count_devices
 from .guard import Guard
+from .http.framing import send_web
+from .http.server import HttpServer
+from .http.wire import Request, Responder, ServerLimits
 from .jobs.api import Caller, JobsApi
 from .jobs.settings import resolve_state_dir
 from .jobs.store import StoreCorrupt
@@ -44,6 +47,9 @@ ADMIN_PATHS = ("/healthz", "/readyz", "/status", "/metrics") + ui.PATHS
 # On the way out, after the drain (or its abandonment) every held request has its answer; this is
 # only for writing those answers to slow clients before their connections are cut.
 HANDLER_GRACE_S = 2.0
+# A body's size is the request path's to refuse (413 with the request id and the limit's name); the
+# daemon's own endpoints read no body
+MAX_BODY_UNCHECKED = 1 << 62
 
 
 @dataclass
@@ -57,78 +63,6 @@ class Environment:
     runtime_directory: str | None = None
     state_directory: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
-
-
-MAX_REQUEST_LINE = 1 << 16  # past this the parser's own line limit answers: no need to look further
-HTTP09_LINE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ ]+$")  # method SP target, and no version
-
-
-class _JsonErrorHandler(web_protocol.RequestHandler):
-    """aiohttp's protocol handler, but malformed HTTP gets our JSON error shape, and an HTTP/0.9
-    request line (no version, so no headers will follow) is refused by closing at once."""
-
-    _first_line = b""  # the connection's first bytes, until its request line is whole
-    _line_checked = False
-
-    def data_received(self, data: bytes) -> None:
-        if not self._line_checked:
-            head = self._first_line + data
-            end = head.find(b"\n")
-            if end < 0 and len(head) <= MAX_REQUEST_LINE:
-                self._first_line = head  # (the parser has it too: it is only looked at here)
-            else:
-                self._line_checked = True
-                self._first_line = b""
-                line = head[:end if end >= 0 else MAX_REQUEST_LINE].rstrip(b"\r")
-                if end >= 0 and HTTP09_LINE.match(line):
-                    # HTTP/0.9 has no status line to answer with: close now rather than wait for
-                    # headers that will never come (aiohttp would hold it until a timeout)
-                    log.info("http09_refused", peer=_peer(self.transport))
-                    counted = getattr(self._manager, "on_error", None)
-                    if counted is not None:
-                        counted(400, "bad_request")
-                    if self.transport is not None:
-                        self.transport.close()
-                    self._force_close = True
-                    return
-        super().data_received(data)
-
-    def handle_error(self, request, status=500, exc=None, message=None):
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started")
-        etype = {400: "bad_request", 413: "payload_too_large"}.get(status)
-        if etype is None:
-            log.error("internal_error", path=getattr(request, "path", None), exc_info=exc)
-            body = {"error": {"type": "internal_error", "message": "internal error in gpu-supervisor",
-                              "request_id": None}}
-            resp = web.json_response(body, status=status)
-        else:
-            detail = message or (str(exc) if exc else "malformed HTTP request")
-            resp = error_response(etype, f"malformed HTTP request: {detail}", None)
-        counted = getattr(self._manager, "on_error", None)
-        if counted is not None:
-            counted(status, etype)  # refused by the HTTP layer: still a request, counted as one
-        resp.force_close()
-        return resp
-
-
-def _peer(transport) -> str | None:
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    return str(peer[0]) if isinstance(peer, tuple) and peer else None
-
-
-class _Server(web.Server):
-    def __init__(self, handler, *, client_max_size: int, on_error=None, **kwargs):
-        super().__init__(handler, **kwargs)
-        self._client_max_size = client_max_size
-        self.on_error = on_error
-
-    def __call__(self) -> web_protocol.RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
-
-    def _make_request(self, message, payload, protocol, writer, task) -> web.BaseRequest:
-        return web.BaseRequest(message, payload, protocol, writer, task, self._loop,
-                               client_max_size=self._client_max_size)
 
 
 def prepare_runtime_dir(configured: str | None, from_systemd: str | None) -> tuple[Path, bool]:
@@ -160,13 +94,13 @@ class Daemon:
         self.samples = ui.SampleRing()  # what /ui charts: bounded, filled by the ui-sampler task
 
     # -- endpoints -----------------------------------------------------------------------------
-    def _authorized(self, request: web.BaseRequest) -> bool:
+    def _authorized(self, request: Request) -> bool:
         if self._token is None:
             return True
         got = request.headers.get("Authorization", "")
         return got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), self._token)
 
-    def _jobs_caller(self, request: web.BaseRequest) -> Caller:
+    def _jobs_caller(self, request: Request) -> Caller:
         """Who asks /jobs: the admin token (when one is configured) and the client key, read as the
         request path reads it for fairness (the current settings: a reload applies at once)."""
         assert self.sup is not None
@@ -175,14 +109,14 @@ class Daemon:
                       key=client_key(fairness, request.headers, request.remote),
                       token_required=self._token is not None)
 
-    async def admin(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def admin(self, request: Request) -> web.StreamResponse:
         resp = self._admin(request)
         degraded = self.sup.degraded() if self.sup else None
         if degraded:
             resp.headers["X-Degraded"] = degraded  # every answer says so, the daemon's own included
         return resp
 
-    def _admin(self, request: web.BaseRequest) -> web.StreamResponse:
+    def _admin(self, request: Request) -> web.StreamResponse:
         sup = self.sup
         assert sup is not None
         path = request.path
@@ -254,26 +188,28 @@ class Daemon:
         await asyncio.to_thread(leftovers.reap, pids_path, os.getpid())
         guard = Guard(pids_path, s.logging.format, s.logging.level)
 
-        async def main_handler(request: web.BaseRequest) -> web.StreamResponse:
+        async def main_handler(request: Request, responder: Responder) -> None:
             path = request.path
             if not split_admin and path in ADMIN_PATHS:
-                return await self.admin(request)
-            if path == "/jobs" or path.startswith("/jobs/"):
-                return await jobs_api.dispatch(request)
-            return await sup.handle(request)
+                await send_web(responder, await self.admin(request))
+            elif path == "/jobs" or path.startswith("/jobs/"):
+                await send_web(responder, await jobs_api.dispatch(request))
+            else:
+                await sup.handle(request, responder)
 
-        async def admin_handler(request: web.BaseRequest) -> web.StreamResponse:
+        async def admin_handler(request: Request, responder: Responder) -> None:
             if request.path in ADMIN_PATHS:
-                return await self.admin(request)
-            return error_response("bad_request", f"no such admin endpoint {request.path}; "
-                                  f"use one of {', '.join(ADMIN_PATHS)}", None)
+                await send_web(responder, await self.admin(request))
+                return
+            await send_web(responder, error_response("bad_request", f"no such admin endpoint {request.path}; "
+                                                     f"use one of {', '.join(ADMIN_PATHS)}", None))
 
-        kw = dict(
-            handler_cancellation=True, access_log=None, client_max_size=s.limits.max_body_bytes,
-            max_field_size=s.limits.max_header_bytes, max_line_size=s.limits.max_header_bytes,
-            keepalive_timeout=s.limits.client_timeout_s,
-        )
-        runners: list[web.BaseRunner] = []
+        # the header limits are ours since the front end left aiohttp: the same line and field limits
+        limits = ServerLimits(max_line_bytes=s.limits.max_header_bytes, max_field_bytes=s.limits.max_header_bytes,
+                              header_timeout_s=s.limits.client_timeout_s,
+                              keepalive_timeout_s=s.limits.client_timeout_s,
+                              max_body_bytes=MAX_BODY_UNCHECKED)
+        servers: list[HttpServer] = []
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task] = []
         fleet_started = False
@@ -281,19 +217,13 @@ class Daemon:
             await guard.start()  # if we are killed, it stops our workers' trees at once
             for handler, listen in ((main_handler, s.listen),) + (((admin_handler, s.admin.listen),)
                                                                    if split_admin else ()):
-                server = _Server(handler, on_error=self._http_error, **kw)
-                runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=HANDLER_GRACE_S)
-                await runner.setup()
-                runners.append(runner)
-                site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True, backlog=1024)
+                server = HttpServer(handler, limits, on_error=self._http_error)
+                servers.append(server)
                 try:
-                    await site.start()
+                    self.bound += await server.start(listen.host, listen.port, backlog=1024)
                 except OSError as exc:
                     log.error("listen_failed", host=listen.host, port=listen.port, error=exc.strerror or str(exc))
                     return 1
-                for sock in site._server.sockets:  # type: ignore[union-attr]
-                    addr = sock.getsockname()
-                    self.bound.append((addr[0], addr[1]))
             log.info("listening", addresses=[f"{h}:{p}" for h, p in self.bound],
                      admin=f"{self.bound[-1][0]}:{self.bound[-1][1]}" if split_admin else None,
                      runtime_dir=str(runtime_dir), config=self.loaded.source, pid=os.getpid())
@@ -311,6 +241,9 @@ class Daemon:
             if self.notifier.watchdog_s:
                 tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
             sup.start()
+            # what startup made (modules, settings, the fleet's records) lives as long as the daemon: keep it
+            # out of every later garbage collection, so a full one scans only what requests left behind
+            gc.freeze()
             fleet_started = True
             tasks.append(asyncio.create_task(sup.jobs.run(), name="jobs"))
             tasks.append(asyncio.create_task(self._record_pids(pids_path), name="pid-file"))
@@ -336,8 +269,8 @@ class Daemon:
             for t in reversed(tasks):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
-            for runner in reversed(runners):
-                await runner.cleanup()
+            for server in reversed(servers):
+                await server.close(HANDLER_GRACE_S)
             if made:
                 with contextlib.suppress(OSError):
                     for f in runtime_dir.iterdir():

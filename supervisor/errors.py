@@ -43,13 +43,14 @@ class Rejected(Exception):
         super().__init__(f"{etype}: {message}")
 
 
-def error_response(
+def error_parts(
     etype: str,
     message: str,
     request_id: str | None,
     retry_after_s: float | None = None,
     headers: dict[str, str] | None = None,
-) -> web.Response:
+) -> tuple[int, dict[str, str], bytes]:
+    """An error answer as status, headers and body (the one JSON shape of every answer the daemon makes)."""
     status, with_retry = ERROR_TYPES[etype]
     err: dict = {"type": etype, "message": message, "request_id": request_id, **OPENAI_FIELDS.get(etype, {})}
     hdrs = {"Content-Type": "application/json"}
@@ -61,7 +62,18 @@ def error_response(
         hdrs["X-Request-ID"] = request_id
     if headers:
         hdrs.update(headers)
-    return web.Response(status=status, body=json.dumps({"error": err}).encode(), headers=hdrs)
+    return status, hdrs, json.dumps({"error": err}).encode()
+
+
+def error_response(
+    etype: str,
+    message: str,
+    request_id: str | None,
+    retry_after_s: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    status, hdrs, body = error_parts(etype, message, request_id, retry_after_s, headers)
+    return web.Response(status=status, body=body, headers=hdrs)
 
 
 def error_event(etype: str, message: str, request_id: str | None) -> bytes:

@@ -4,12 +4,11 @@ stores a request instead, the daemon's own /v1/models answers, and how a refusal
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
-from ..errors import Rejected, error_response
+from ..errors import Rejected, error_parts
 from ..jobs.api import JobTerms, job_request, submit_error_response, submit_response
 from ..jobs.manager import CallbackRefused
 from ..jobs.store import Conflict, Full, StoreUnavailable
@@ -20,12 +19,15 @@ from .call import body_model
 from .framing import read_body, send_continue
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from ..config import Settings
     from ..fleet import Fleet, WorkerGroup
     from ..metrics import Metrics
     from ..pressure_control import PressureControl
     from ..runstate import RunState
     from .call import Call, CallPlanner
+    from .wire import Request
 
 JOB_SUBMIT_ERRORS = (CallbackRefused, Conflict, Full, StoreUnavailable)
 MODELS_PATH = "/v1/models"  # the daemon answers the list and each card itself (every worker's models)
@@ -48,21 +50,22 @@ class Admission:
         self.settings = s
 
     @staticmethod
-    def check_request_line(request: web.BaseRequest) -> None:
+    def check_request_line(request: Request) -> None:
         """What RFC 9110/9112 say a reverse proxy refuses: CONNECT (no tunnels here), asterisk-form."""
         if request.method == "CONNECT":
             raise Rejected("bad_request", "CONNECT: this is a reverse proxy for model services, not a tunnel")
         if request.raw_path == "*" and request.method != "OPTIONS":
             raise Rejected("bad_request", "the asterisk-form request target is for OPTIONS only")
 
-    def reject(self, r: Rejected, rid: str | None) -> web.Response:
+    def reject(self, r: Rejected, rid: str | None) -> tuple[int, dict[str, str], bytes]:
+        """The answer to a refusal (status, headers, body), counted by its reason."""
         if r.etype in REJECT_REASONS:
             self.metrics.rejected.labels(r.etype).inc()
         d = self.fleet.degraded()
-        return error_response(r.etype, r.message, rid, r.retry_after_s, {"X-Degraded": d} if d else None)
+        return error_parts(r.etype, r.message, rid, r.retry_after_s, {"X-Degraded": d} if d else None)
 
     # -- parse and route -------------------------------------------------------------------------
-    async def route(self, request: web.BaseRequest, call: Call) -> int | None:
+    async def route(self, request: Request, call: Call) -> int | None:
         """The call's priority, client and routing facts, reading the body first when its `model` picks
         the worker. Returns the request's Content-Length (None: chunked)."""
         s = self.settings
@@ -90,7 +93,7 @@ class Admission:
         planner.plan(call, timeout=request.headers.get(planner.timeout_header))
         return cl
 
-    async def take_body(self, request: web.BaseRequest, call: Call, cl: int | None) -> None:
+    async def take_body(self, request: Request, call: Call, cl: int | None) -> None:
         """The admitted request's body, held when small enough to send again; a larger one is streamed
         through and cannot be repeated."""
         if call.body is None:
@@ -132,7 +135,7 @@ class Admission:
                         f"{self.planner.level_names[level]} is shed for now", p.retry_after())
 
     # -- async jobs ------------------------------------------------------------------------------
-    async def submit_job(self, request: web.BaseRequest, call: Call) -> web.Response:
+    async def submit_job(self, request: Request, call: Call) -> web.Response:
         """`Prefer: respond-async`: store the request durably, answer 202; it runs later like any other.
         A job is stored whatever the queue, breaker or pressure say now: it runs when it can."""
         jobs = self.run.jobs
@@ -163,7 +166,7 @@ class Admission:
         return (call.method == "GET" and (call.path == MODELS_PATH or call.path.startswith(MODEL_PREFIX))
                 and bool(self.fleet.served_models()))
 
-    def models(self, call: Call) -> web.Response:
+    def models(self, call: Call) -> tuple[int, dict[str, str], bytes]:
         """GET /v1/models: every worker's models, as OpenAI lists them, with whether the worker is loaded
         now; GET /v1/models/{id} (an id may hold `/`): one of those cards, or 404 model_not_found."""
         data = []
@@ -172,13 +175,13 @@ class Admission:
             for m in g.models:
                 data.append({"id": m, "object": "model", "created": 0, "owned_by": g.name,
                              "status": "loaded" if loaded else "unloaded", "worker": g.name})
-        headers = {"X-Request-ID": call.rid}
+        headers = {"Content-Type": "application/json; charset=utf-8", "X-Request-ID": call.rid}
         if call.path == MODELS_PATH:
-            return web.json_response({"object": "list", "data": data}, headers=headers)
+            return 200, headers, json.dumps({"object": "list", "data": data}).encode()
         wanted = call.path[len(MODEL_PREFIX):]
         for card in data:
             if card["id"] == wanted:
-                return web.json_response(card, headers=headers)
+                return 200, headers, json.dumps(card).encode()
         raise Rejected("model_not_found", f"model {wanted!r} is not served here; "
                        f"served models: {', '.join(c['id'] for c in data)}")
 

@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import structlog
-from aiohttp import web
 
 from ..errors import Rejected, error_event
 from ..fleet.process import Incarnation, InFlight
@@ -19,7 +18,18 @@ from ..jobs.model import JobFailed, JobResult
 from ..response_spool import ResponseSpool, SpoolError
 from ..states import ExitReason
 from ..upstream import UpstreamConnection, UpstreamError
-from .framing import STREAM_CHUNK, fill, gather, head, is_oom, request_head, response_headers, sized, stream_body
+from .framing import (
+    STREAM_CHUNK,
+    fill,
+    gather,
+    head,
+    header_value,
+    is_oom,
+    request_head,
+    response_headers,
+    sized,
+    stream_body,
+)
 
 if TYPE_CHECKING:
     from ..config import Limits, Settings
@@ -27,6 +37,7 @@ if TYPE_CHECKING:
     from ..jobs.model import JobRequest
     from ..request_queue import Ticket
     from .call import Call
+    from .wire import Request, Responder
 
 log = structlog.get_logger("supervisor.http")
 T = TypeVar("T")
@@ -77,9 +88,9 @@ class Exchange(InFlight):
         self.inc: Incarnation = replica.begin(self)
 
     # -- the two kinds of attempt, one error path --------------------------------------------------
-    def answer(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
-        """The client's answer from this replica (streamed when it is a stream)."""
-        return self._guarded(self.forward(request), self.wire.late)
+    def answer(self, request: Request, responder: Responder) -> Awaitable[int]:
+        """The client's answer from this replica (streamed when it is a stream); its status."""
+        return self._guarded(self.forward(request, responder), self.wire.late)
 
     def result(self, req: JobRequest, max_bytes: int) -> Awaitable[JobResult]:
         """A job's whole answer from this replica."""
@@ -149,7 +160,7 @@ class Exchange(InFlight):
         self.wire.slot_free()
 
     # -- HTTP ----------------------------------------------------------------------------------------
-    async def send(self, request: web.BaseRequest) -> UpstreamConnection:
+    async def send(self, request: Request) -> UpstreamConnection:
         """The request to the worker, its body held or streamed; the answer's head is in on return."""
         call = self.call
         head_bytes = request_head(request, call)
@@ -174,9 +185,9 @@ class Exchange(InFlight):
             return conn
         raise UpstreamError("reset", "worker closed the connection")
 
-    async def forward(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def forward(self, request: Request, responder: Responder) -> int:
         """Send, then answer the client: at once when the answer is all in (or small enough to gather
-        first), else relayed as it comes."""
+        first), else relayed as it comes. Returns the status."""
         conn = await self.send(request)
         self.conn = conn
         call = self.call
@@ -194,9 +205,10 @@ class Exchange(InFlight):
                 if done:
                     pool.put(conn)
                     self.record()
-                    return web.Response(status=conn.status, body=b"".join(first), headers=headers)
+                    await responder.send(conn.status, headers, b"".join(first))
+                    return conn.status
             if not conn.complete:
-                return await self.relay(request, headers, first)
+                return await self.relay(request, responder, headers, first)
             status, data, raw = conn.status, conn.take_buffered(), conn.headers
             pool.put(conn)
         except BaseException:
@@ -205,25 +217,24 @@ class Exchange(InFlight):
             raise
         self.record()
         if call.method == "HEAD":
-            for k, v in raw:
-                if k.lower() == b"content-length":
-                    headers["Content-Length"] = v.decode("latin-1")
-            return web.Response(status=status, headers=headers)
-        return web.Response(status=status, body=data, headers=headers)
+            cl = header_value(raw, b"content-length")
+            await responder.start(status, headers, int(cl) if cl is not None and cl.isdigit() else None)
+            await responder.end()
+            return status
+        await responder.send(status, headers, data)
+        return status
 
-    async def relay(self, request: web.BaseRequest, headers, first: list[bytes]) -> web.StreamResponse:
+    async def relay(self, request: Request, responder: Responder, headers: list[tuple[bytes, bytes]],
+                    first: list[bytes]) -> int:
         """Stream the answer to the client while reading the worker as fast as it sends (nginx-style
         buffering, memory then disk), so a finished worker answer frees its slot whatever the client's
         speed; SSE still goes out event by event."""
         conn = self.conn
         call = self.call
         tm = self.tm
-        resp = web.StreamResponse(status=conn.status, headers=headers)
-        for k, v in conn.headers:
-            if k.lower() == b"content-length":
-                resp.content_length = int(v)
-        sse = headers.get("Content-Type", "").startswith("text/event-stream")
-        await resp.prepare(request)
+        cl = header_value(conn.headers, b"content-length")
+        sse = (header_value(conn.headers, b"content-type") or b"").startswith(b"text/event-stream")
+        await responder.start(conn.status, headers, int(cl) if cl is not None and cl.isdigit() else None)
         lim = self.wire.limits
         spool = ResponseSpool(max(lim.buffer_bytes, STREAM_CHUNK), lim.spool_dir or tempfile.gettempdir(),
                               lim.spool_bytes)
@@ -234,12 +245,14 @@ class Exchange(InFlight):
             async for chunk in spool.chunks():
                 try:
                     async with asyncio.timeout(client_timeout):
-                        await resp.write(chunk)
+                        await responder.write(chunk)
                 except TimeoutError:
                     # the client reads nothing: drop it, never hold the worker for it
                     log.warning("client_stalled", request_id=call.rid, client_timeout_s=client_timeout)
-                    request.transport.close()
+                    request.close()
                     raise asyncio.CancelledError from None
+                except ConnectionError:
+                    raise asyncio.CancelledError from None  # the client left mid-answer
             await reader  # all that came is sent; the worker's failure, if any, is raised here
             self._worker_done(reader)
         except (UpstreamError, TimeoutError, asyncio.CancelledError, SpoolError) as exc:
@@ -266,15 +279,15 @@ class Exchange(InFlight):
             else:
                 self.fail()
             if sse:
-                await resp.write(error_event(why, msg, call.rid))
-                await resp.write_eof()
+                await responder.write(error_event(why, msg, call.rid))
+                await responder.end()
             else:
-                request.transport.close()  # no terminating chunk: the client sees a broken body
-            return resp
+                request.close()  # no terminating chunk: the client sees a broken body
+            return conn.status
         finally:
             spool.close()
-        await resp.write_eof()
-        return resp
+        await responder.end()
+        return conn.status
 
     def _worker_done(self, t: asyncio.Future) -> None:
         """The worker's answer is all in: its connection back to the pool and its slot free now,

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-from multidict import CIMultiDict
-
 from ..errors import Rejected
 from ..response_spool import ResponseSpool, SpoolFull
 from ..upstream import UpstreamConnection
+from .wire import BodyTooLarge
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from ..fleet.process import InFlight
     from .call import Call
+    from .wire import Request, Responder
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
@@ -24,20 +25,30 @@ HOP_BY_HOP = frozenset({
 })
 NEVER_STRIPPED = frozenset({b"host"})  # RFC 9110 7.6.1: Connection cannot remove Host
 RESPONSE_DROP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "content-length", "proxy-connection", "date",
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"content-length", b"proxy-connection", b"date",
 })
 STREAM_CHUNK = 1 << 16
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 # -- the request, to the worker ----------------------------------------------------------------------
-def request_head(request: web.BaseRequest, call: Call) -> bytes:
+def request_head(request: Request, call: Call) -> bytes:
     target = request.raw_path
     if not target.startswith("/") and target != "*":
         # absolute-form (RFC 9112 3.2.2): the worker gets origin-form; Host already names the authority
-        target = request.rel_url.raw_path_qs if hasattr(request.rel_url, "raw_path_qs") else request.path_qs
+        target = origin_form(target)
     return head(call, target, request.raw_headers, (request.remote or "").encode(), request.scheme.encode())
+
+
+def origin_form(target: str) -> str:
+    """The path and query of an absolute-form target ("http://host:80/a?b" -> "/a?b"; no path: "/")."""
+    rest = target.split("://", 1)[1] if "://" in target else target
+    cut = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+    if not cut:
+        return "/"
+    tail = rest[min(cut):]
+    return tail if tail.startswith("/") else "/" + tail
 
 
 def head(call: Call, target: str, raw, peer: bytes, scheme: bytes) -> bytes:
@@ -76,28 +87,26 @@ def head(call: Call, target: str, raw, peer: bytes, scheme: bytes) -> bytes:
     return b"".join(parts)
 
 
-async def send_continue(request: web.BaseRequest, call: Call) -> None:
+async def send_continue(request: Request, call: Call) -> None:
     """`Expect: 100-continue`: say go ahead only once the request is admitted, so a request that
     will be refused is refused before its body is sent."""
-    if call.continue_sent or request.version < (1, 1):
-        return
-    if request.headers.get("Expect", "").lower() != "100-continue":
+    if call.continue_sent or not request.expect_continue:
         return
     call.continue_sent = True
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    await request.send_continue()
 
 
-async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
+        return await request.read(limit)
+    except BodyTooLarge:
         raise Rejected("payload_too_large", f"request body over limits.max_body_bytes ({limit} bytes)") from None
 
 
-async def stream_body(request: web.BaseRequest, conn: UpstreamConnection, limit: int) -> None:
+async def stream_body(request: Request, conn: UpstreamConnection, limit: int) -> None:
     """The client's body as it comes, chunked, to the worker (a body too large to hold)."""
     sent = 0
-    async for chunk in request.content.iter_chunked(STREAM_CHUNK):
+    async for chunk in request.iter_chunks(STREAM_CHUNK):
         sent += len(chunk)
         if sent > limit:
             conn.abort()
@@ -108,20 +117,45 @@ async def stream_body(request: web.BaseRequest, conn: UpstreamConnection, limit:
 
 
 # -- the answer, to the client -----------------------------------------------------------------------
-def response_headers(raw: list[tuple[bytes, bytes]], call: Call, degraded: str | None) -> CIMultiDict:
-    """The worker's end-to-end headers, with the request id, queue time, attempts and X-Degraded."""
-    h: CIMultiDict = CIMultiDict()
-    for k, v in raw:
-        name = k.decode("latin-1")
-        if name.lower() in RESPONSE_DROP:
-            continue
-        h.add(name, v.decode("latin-1"))
-    h["X-Request-ID"] = call.rid
-    h["X-Supervisor-Queue-Ms"] = f"{call.queued_s * 1000:.3f}"
-    h["X-Supervisor-Attempts"] = str(call.attempt)
+def response_headers(raw: list[tuple[bytes, bytes]], call: Call, degraded: str | None) -> list[tuple[bytes, bytes]]:
+    """The worker's end-to-end headers, with the request id, queue time, attempts and X-Degraded (ours
+    replace any the worker sent under those names)."""
+    h = [(k, v) for k, v in raw if k.lower() not in RESPONSE_DROP and k.lower() not in OURS]
+    h += ((b"X-Request-ID", call.rid.encode()), (b"X-Supervisor-Queue-Ms", b"%.3f" % (call.queued_s * 1000)),
+          (b"X-Supervisor-Attempts", b"%d" % call.attempt))
     if degraded:
-        h["X-Degraded"] = degraded
+        h.append((b"X-Degraded", degraded.encode("latin-1")))
     return h
+
+
+OURS = frozenset({b"x-request-id", b"x-supervisor-queue-ms", b"x-supervisor-attempts", b"x-degraded"})
+
+
+def header_value(raw: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header `name` (lowercase) in a raw header list."""
+    for k, v in raw:
+        if k.lower() == name:
+            return v
+    return None
+
+
+# -- answers the daemon makes itself ------------------------------------------------------------------
+def encode_headers(headers) -> list[tuple[bytes, bytes]]:
+    """A mapping (or aiohttp's multidict) of str headers as the raw list a Responder takes; the framing
+    headers are the server's to write."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+            if k.lower() not in ("content-length", "transfer-encoding")]
+
+
+async def send_parts(responder: Responder, status: int, headers: dict[str, str], body: bytes) -> int:
+    await responder.send(status, encode_headers(headers), body)
+    return status
+
+
+async def send_web(responder: Responder, resp: web.Response) -> int:
+    """An aiohttp `web.Response` made by the daemon's own endpoints (admin, jobs, ui), as our answer."""
+    body = resp.body if isinstance(resp.body, bytes) else (resp.text or "").encode("utf-8")
+    return await send_parts(responder, resp.status, resp.headers, body)
 
 
 def is_oom(raw: list[tuple[bytes, bytes]]) -> bool:

@@ -11,7 +11,6 @@ import time
 from typing import TYPE_CHECKING
 
 import structlog
-from aiohttp import web
 
 from ..errors import ERROR_TYPES, Rejected
 from ..jobs.api import wants_async
@@ -20,7 +19,7 @@ from .admit import Admission
 from .call import Call, CallPlanner
 from .dispatch import Dispatcher
 from .exchange import Wire
-from .framing import send_continue
+from .framing import send_continue, send_parts, send_web
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
     from ..pressure_control import PressureControl
     from ..runstate import RunState
+    from .wire import Request, Responder
 
 access_log = structlog.get_logger("supervisor.access")
 
@@ -66,7 +66,8 @@ class RequestPath:
         return f"{self._rid_prefix}{next(self._rid_seq):010x}"
 
     # -- a request -------------------------------------------------------------------------------
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request, responder: Responder) -> int:
+        """Answer one request exactly once (through `responder`); its status, as counted."""
         t0 = time.monotonic()
         rid = request.headers.get("X-Request-ID")
         call = Call(rid or "", t0, request.method, request.path, self.planner.default_level)
@@ -77,39 +78,38 @@ class RequestPath:
             elif not REQUEST_ID_RE.match(rid):
                 call.rid = self.new_request_id()
                 raise Rejected("bad_request", "X-Request-ID: must be 1-200 visible ASCII characters")
-            if request.version < (1, 0):
-                # HTTP/0.9 has no status line or headers to answer with: refuse it by closing
-                admission.reject(Rejected("bad_request", "HTTP/0.9 is not supported"), call.rid)
-                self._observe(call, 400)
-                request.transport.close()
-                raise asyncio.CancelledError
             admission.check_request_line(request)
             if admission.asks_models(call):
-                resp = admission.models(call)
+                status = await send_parts(responder, *admission.models(call))
             else:
-                resp = await self._serve(request, call)
+                status = await self._serve(request, responder, call)
         except Rejected as r:
-            resp = admission.reject(r, call.rid)
+            parts = admission.reject(r, call.rid)
+            if responder.started:  # (an answer under way cannot become an error any more: cut it)
+                request.close()
+                status = parts[0]
+            else:
+                status = await send_parts(responder, *parts)
         except asyncio.CancelledError:
             # the client went away (queued, running or mid-stream): counted as nginx does, 499
             self._observe(call, CLIENT_CLOSED)
             raise
-        self._observe(call, resp.status)
+        self._observe(call, status)
         if self.settings.logging.access:
-            access_log.info("request", request_id=call.rid, method=call.method, path=call.path, status=resp.status,
+            access_log.info("request", request_id=call.rid, method=call.method, path=call.path, status=status,
                             priority=self.planner.level_names[max(call.level, 0)], worker=call.worker_label,
                             attempts=call.attempt, duration_ms=round((time.monotonic() - t0) * 1000, 3))
-        return resp
+        return status
 
-    async def _serve(self, request: web.BaseRequest, call: Call) -> web.StreamResponse:
+    async def _serve(self, request: Request, responder: Responder, call: Call) -> int:
         admission = self.admission
         cl = await admission.route(request, call)
         if self.run.jobs is not None and wants_async(request.headers.getall("Prefer", ())):
-            return await admission.submit_job(request, call)
+            return await send_web(responder, await admission.submit_job(request, call))
         admission.admit(call)
         await send_continue(request, call)
         await admission.take_body(request, call, cl)
-        return await self.dispatcher.dispatch(call, lambda ex: ex.answer(request))
+        return await self.dispatcher.dispatch(call, lambda ex: ex.answer(request, responder))
 
     def _observe(self, call: Call, code: int) -> None:
         level = call.level if call.level >= 0 else self.planner.default_level

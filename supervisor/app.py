@@ -160,10 +160,6 @@ class Supervisor:
         reserved = sum(g.queue.reserved_mb for g in self.fleet.groups.values())
         return free - reserved * 1048576 >= mb * 1048576
 
-    def degraded_header(self) -> dict[str, str] | None:
-        d = self.degraded()
-        return {"X-Degraded": d} if d else None
-
     def degraded(self) -> str | None:
         return self.fleet.degraded()
 

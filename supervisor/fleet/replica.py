@@ -91,10 +91,6 @@ class Replica:
     def key(self) -> tuple[str, int]:
         return (self.worker, self.index)
 
-    @property
-    def incarnation(self) -> Incarnation | None:
-        return self.current
-
     # -- the facts others ask for --------------------------------------------------------------
     @property
     def alive(self) -> bool:

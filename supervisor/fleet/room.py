@@ -145,8 +145,9 @@ class GpuRoom:
         """Why this replica can never start here (need larger than the GPU), else None."""
         if r.gpu is None or self.capacity(r.gpu) is None:
             return None
-        ask, others = self._ask(r, time.monotonic(), waiting=False)
-        plan = gl.plan_start(ask, others, time.monotonic())
+        now = time.monotonic()
+        ask, others = self._ask(r, now, waiting=False)
+        plan = gl.plan_start(ask, others, now)
         return plan.reason if plan.action == "refuse" and plan.reason in ("too_large", "pinned") else None
 
     def gate(self, r: Replica, now: float) -> gl.GateStep:

@@ -28,6 +28,9 @@ RESPONSE_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"content-length", b"proxy-connection", b"date",
 })
+# the headers whose values are ours to set on every answer (a worker's own are dropped)
+OURS = frozenset({b"x-request-id", b"x-supervisor-queue-ms", b"x-supervisor-attempts", b"x-degraded"})
+NOT_PASSED_ON = RESPONSE_DROP | OURS
 STREAM_CHUNK = 1 << 16
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -120,15 +123,13 @@ async def stream_body(request: Request, conn: UpstreamConnection, limit: int) ->
 def response_headers(raw: list[tuple[bytes, bytes]], call: Call, degraded: str | None) -> list[tuple[bytes, bytes]]:
     """The worker's end-to-end headers, with the request id, queue time, attempts and X-Degraded (ours
     replace any the worker sent under those names)."""
-    h = [(k, v) for k, v in raw if k.lower() not in RESPONSE_DROP and k.lower() not in OURS]
+    h = [(k, v) for k, v in raw if k.lower() not in NOT_PASSED_ON]
     h += ((b"X-Request-ID", call.rid.encode()), (b"X-Supervisor-Queue-Ms", b"%.3f" % (call.queued_s * 1000)),
           (b"X-Supervisor-Attempts", b"%d" % call.attempt))
     if degraded:
         h.append((b"X-Degraded", degraded.encode("latin-1")))
     return h
 
-
-OURS = frozenset({b"x-request-id", b"x-supervisor-queue-ms", b"x-supervisor-attempts", b"x-degraded"})
 
 
 def header_value(raw: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -379,7 +379,7 @@ class Responder:
     async def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
         """A whole answer: head and body in one write (Content-Length added; HEAD gets the head only). It is
         handed to the transport and not waited on: a slow reader holds the bytes, not the handler."""
-        # the hot path: written out here rather than through the helpers start() uses
+        # the hot path: _begin() written out here
         if self.started:
             raise RuntimeError(f"{self!r} already answered")
         if not 200 <= status <= 999:
@@ -387,17 +387,8 @@ class Responder:
         req = self._req
         conn = self._conn
         assert req is not None
-        keep = req.keep_alive and req._done and not conn.closing  # see _headers()
         parts = [STATUS_LINES.get(status) or status_line(status), conn.server.date_line()]
-        for k, v in headers:
-            if len(k) in _FRAMING_LENS:
-                keep = _framing_header(k, v, keep)
-                lk = k.lower()
-                if lk == b"connection" or lk == b"keep-alive":
-                    continue
-            if b"\n" in v or b"\r" in v:
-                raise ValueError(f"header {k!r} holds a line break")
-            parts += (k, b": ", v, b"\r\n")
+        keep = self._headers(parts, headers, req)
         self.started = True
         self.status = status
         no_body = self._no_body = req.method == "HEAD" or status == 204 or status == 304

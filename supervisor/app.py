@@ -18,7 +18,6 @@ from .errors import Rejected
 from .fleet import ExitInfo, Fleet, ReloadSummary, Replica
 from .gpu_watch import Nvml
 from .http import RequestPath
-from .http.wire import Request, Responder
 from .jobs.manager import JobManager
 from .jobs.metrics import job_metrics
 from .jobs.settings import resolve_state_dir, store_spec
@@ -55,9 +54,6 @@ class Supervisor:
         self.started = time.monotonic()
         self.metrics = Metrics()
         self.run = RunState(drain_timeout_s=self.settings.drain.timeout_s)
-        self.active = 0  # requests inside handle(), queued or running
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.pids_event = asyncio.Event()  # a worker process started: the pid file wants writing
         self.fleet = Fleet(self.settings, runtime_dir, base_env, self, gpus_seen=gpus_seen)
         self.room = self.fleet.room
@@ -180,19 +176,14 @@ class Supervisor:
         return not why, why
 
     # -- the request path and drain ------------------------------------------------------------
-    async def handle(self, request: Request, responder: Responder) -> int:
-        self.active += 1
-        self._idle.clear()
-        try:
-            return await self.path.handle(request, responder)
-        finally:
-            self.active -= 1
-            if self.active == 0:
-                self._idle.set()
+    @property
+    def active(self) -> int:
+        """Requests inside the request path, queued or running."""
+        return self.run.active
 
     async def wait_idle(self, timeout: float, give_up: asyncio.Event) -> bool:
         """Wait until no request is queued or running (drain); False if time ran out first."""
-        waiters = [asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(give_up.wait())]
+        waiters = [asyncio.ensure_future(self.run.idle()), asyncio.ensure_future(give_up.wait())]
         try:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -17,6 +17,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,14 +189,20 @@ class Daemon:
         await asyncio.to_thread(leftovers.reap, pids_path, os.getpid())
         guard = Guard(pids_path, s.logging.format, s.logging.level)
 
-        async def main_handler(request: Request, responder: Responder) -> None:
-            path = request.path
-            if not split_admin and path in ADMIN_PATHS:
+        async def own_answer(request: Request, responder: Responder) -> None:
+            if request.path in ADMIN_PATHS:
                 await send_web(responder, await self.admin(request))
-            elif path == "/jobs" or path.startswith("/jobs/"):
-                await send_web(responder, await jobs_api.dispatch(request))
             else:
-                await sup.handle(request, responder)
+                await send_web(responder, await jobs_api.dispatch(request))
+
+        request_path = sup.path
+
+        def main_handler(request: Request, responder: Responder) -> Awaitable[int | None]:
+            # not a coroutine itself: the request path's coroutine is the task's, with no frame above it
+            path = request.path
+            if (not split_admin and path in ADMIN_PATHS) or path == "/jobs" or path.startswith("/jobs/"):
+                return own_answer(request, responder)
+            return request_path.handle(request, responder)
 
         async def admin_handler(request: Request, responder: Responder) -> None:
             if request.path in ADMIN_PATHS:
@@ -236,7 +243,7 @@ class Daemon:
             tasks.append(asyncio.create_task(self._notify_ready(), name="notify"))
             tasks.append(asyncio.create_task(self._loop_lag(), name="loop-lag"))
             tasks.append(asyncio.create_task(ui.run_sampler(self.samples, sup.status,
-                                                            lambda: ui.counter_total(sup.metrics.requests)),
+                                                            sup.metrics.requests_total),
                                              name="ui-sampler"))
             if self.notifier.watchdog_s:
                 tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))

@@ -1,17 +1,22 @@
 """Prometheus metrics: declared together with fixed label names, one registry per supervisor.
 
-Counters and histograms are updated on the request path (children resolved once and cached);
-everything that is a reading of current state is produced at scrape time by `StateCollector`.
+The three series every request moves (requests, request duration, queue wait) are plain counts kept by
+`RequestMetrics` and rendered at scrape time, as prometheus_client renders a Counter and a Histogram
+(`_total`/`_bucket`/`_count`/`_sum` and `_created`): no lock, no label lookup per request. The others are
+prometheus_client Counters and Histograms; everything that is a reading of current state is produced at
+scrape time by `StateCollector`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, StateSetMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .states import BreakerState, WorkerState
 from .upstream import PROTOCOL_ERROR_KINDS
@@ -27,12 +32,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(P + "requests", "Requests answered, by priority, HTTP status and worker.",
-                                ["priority", "code", "worker"], registry=r)
-        self.duration = Histogram(P + "request_duration_seconds", "Time from arrival to the end of the answer.",
-                                  ["priority"], buckets=LONG_BUCKETS, registry=r)
-        self.queue_wait = Histogram(P + "queue_wait_seconds", "Time spent queued before a worker slot.",
-                                    ["priority"], buckets=LONG_BUCKETS, registry=r)
+        self.per_request = RequestMetrics()
+        r.register(self.per_request)
         self.rejected = Counter(P + "rejected", "Requests refused by the supervisor itself, by reason.",
                                 ["reason"], registry=r)
         self.retries = Counter(P + "retries", "Requests sent to the worker again, by reason.", ["reason"], registry=r)
@@ -59,28 +60,94 @@ class Metrics:
             self.rejected.labels(reason)
         for kind in PROTOCOL_ERROR_KINDS:
             self.worker_protocol_errors.labels(kind)
-        self._req: dict[tuple[str, int, str], Any] = {}
-        self._dur: dict[str, Any] = {}
-        self._wait: dict[str, Any] = {}
+        self.observe_request = self.per_request.observe_request
+        self.observe_wait = self.per_request.observe_wait
 
-    def observe_request(self, priority: str, code: int, duration_s: float, worker: str = "none") -> None:
-        c = self._req.get((priority, code, worker))
-        if c is None:
-            c = self._req[(priority, code, worker)] = self.requests.labels(priority, str(code), worker)
-        c.inc()
-        h = self._dur.get(priority)
-        if h is None:
-            h = self._dur[priority] = self.duration.labels(priority)
-        h.observe(duration_s)
-
-    def observe_wait(self, priority: str, wait_s: float) -> None:
-        h = self._wait.get(priority)
-        if h is None:
-            h = self._wait[priority] = self.queue_wait.labels(priority)
-        h.observe(wait_s)
+    def requests_total(self) -> int:
+        """Requests answered so far, all labels together."""
+        return sum(c.n for c in self.per_request.requests.values())
 
     def attach_state(self, read: Callable[[], dict]) -> None:
         self.registry.register(StateCollector(read))
+
+
+class _Count:
+    __slots__ = ("n", "created")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.created = time.time()
+
+
+class _Hist:
+    """One histogram child: a count per bucket (not cumulative; the last is +Inf) and the sum."""
+
+    __slots__ = ("counts", "sum", "created")
+
+    def __init__(self, n_buckets: int) -> None:
+        self.counts = [0] * (n_buckets + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+
+class RequestMetrics(Collector):
+    """gpu_supervisor_requests_total, _request_duration_seconds and _queue_wait_seconds, counted in plain
+    dicts on the event loop (scrapes run there too) and exposed exactly as prometheus_client's Counter and
+    Histogram with LONG_BUCKETS would expose them."""
+
+    def __init__(self, buckets: tuple[float, ...] = LONG_BUCKETS):
+        self.buckets = buckets
+        self._les = [floatToGoString(b) for b in buckets] + ["+Inf"]
+        self.requests: dict[tuple[str, int, str], _Count] = {}
+        self.duration: dict[str, _Hist] = {}
+        self.queue_wait: dict[str, _Hist] = {}
+
+    def observe_request(self, priority: str, code: int, duration_s: float, worker: str = "none") -> None:
+        c = self.requests.get((priority, code, worker))
+        if c is None:
+            c = self.requests[(priority, code, worker)] = _Count()
+        c.n += 1
+        h = self.duration.get(priority)
+        if h is None:
+            h = self.duration[priority] = _Hist(len(self.buckets))
+        h.counts[bisect_left(self.buckets, duration_s)] += 1
+        h.sum += duration_s
+
+    def observe_wait(self, priority: str, wait_s: float) -> None:
+        h = self.queue_wait.get(priority)
+        if h is None:
+            h = self.queue_wait[priority] = _Hist(len(self.buckets))
+        h.counts[bisect_left(self.buckets, wait_s)] += 1
+        h.sum += wait_s
+
+    def collect(self) -> Iterator[Metric]:
+        req = Metric(P + "requests", "Requests answered, by priority, HTTP status and worker.", "counter")
+        for (prio, code, worker), c in list(self.requests.items()):
+            labels = {"priority": prio, "code": str(code), "worker": worker}
+            req.add_sample(P + "requests_total", labels, c.n)
+            req.add_sample(P + "requests_created", labels, c.created)
+        yield req
+        yield self._histogram(P + "request_duration_seconds", "Time from arrival to the end of the answer.",
+                              self.duration)
+        yield self._histogram(P + "queue_wait_seconds", "Time spent queued before a worker slot.", self.queue_wait)
+
+    def _histogram(self, name: str, doc: str, children: dict[str, _Hist]) -> Metric:
+        m = Metric(name, doc, "histogram")
+        for prio, h in list(children.items()):
+            acc = 0
+            for le, n in zip(self._les, h.counts):
+                acc += n
+                m.add_sample(name + "_bucket", {"priority": prio, "le": le}, acc)
+            m.add_sample(name + "_count", {"priority": prio}, acc)
+            m.add_sample(name + "_sum", {"priority": prio}, h.sum)
+            m.add_sample(name + "_created", {"priority": prio}, h.created)
+        return m
+
+    def describe(self) -> Iterator[Metric]:
+        # the names this collector owns, so the registry refuses a second metric of the same name
+        yield Metric(P + "requests", "", "counter")
+        yield Metric(P + "request_duration_seconds", "", "histogram")
+        yield Metric(P + "queue_wait_seconds", "", "histogram")
 
 
 class StateCollector(Collector):

@@ -19,7 +19,6 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -92,16 +91,6 @@ def sample_from_status(status: dict, requests_total: float, t: float) -> dict:
             for d in (status.get("gpu") or {}).get("devices") or []]
     return {"t": round(t, 3), "requests_total": requests_total, "queue_depth": depth,
             "inflight": q.get("inflight", 0), "gpu": gpus}
-
-
-def counter_total(counter: Any) -> float:
-    """The sum of a prometheus_client Counter's `_total` samples over all its label values."""
-    total = 0.0
-    for metric in counter.collect():
-        for s in metric.samples:
-            if s.name.endswith("_total"):
-                total += s.value
-    return total
 
 
 async def run_sampler(ring: SampleRing, read_status: Callable[[], dict], read_total: Callable[[], float]) -> None:
@@ -399,5 +388,5 @@ PAGE_HEADERS = {
                                 "frame-ancestors 'none'"),
 }
 
-__all__ = ["SampleRing", "PATHS", "request_rate", "sample_from_status", "counter_total", "run_sampler", "respond",
+__all__ = ["SampleRing", "PATHS", "request_rate", "sample_from_status", "run_sampler", "respond",
            "PAGE"]

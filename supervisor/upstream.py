@@ -74,6 +74,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_body_waiter", "_complete", "_error", "_got_bytes", "_paused", "_write_paused",
         "_drain_waiter", "closed", "keep_alive", "_length_known", "_head_request", "used",
         "last_rx", "last_tx", "outstanding", "_in_head", "_head_bytes", "_interim", "_max_head", "_max_headers",
+        "names", "content_length",
     )
 
     def __init__(self, pool: UpstreamPool):
@@ -97,6 +98,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.names: list[bytes] = []  # the answer's header names, lowercased, in step with `headers`
+        self.content_length: bytes | None = None  # the answer's Content-Length as sent (digits, llhttp checked)
         self._hdr_future: asyncio.Future[None] | None = None
         self._body: deque[bytes] = deque()
         self._body_size = 0
@@ -180,9 +183,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = status
         self._in_head = False
         self.keep_alive = p.should_keep_alive()
+        names = self.names
         for name, value in self.headers:
             ln = name.lower()
-            if ln == b"content-length" or (ln == b"transfer-encoding" and b"chunked" in value.lower()):
+            names.append(ln)
+            if ln == b"content-length":
+                self._length_known = True
+                self.content_length = value
+            elif ln == b"transfer-encoding" and b"chunked" in value.lower():
                 self._length_known = True
         f = self._hdr_future
         if f is not None and not f.done():
@@ -389,12 +397,20 @@ class UpstreamPool:
         self._all.add(proto)
         return proto
 
+    def take(self) -> UpstreamConnection | None:
+        """An idle kept-alive connection, if one is open (the worker may still have closed it)."""
+        idle = self._idle
+        while idle:
+            c = idle.pop()
+            if not c.closed and c.transport is not None and not c.transport.is_closing():
+                return c
+        return None
+
     async def get(self) -> tuple[UpstreamConnection, bool]:
         """A connection and whether it was reused (a reused one may have been closed by the worker)."""
-        while self._idle:
-            c = self._idle.pop()
-            if not c.closed and c.transport is not None and not c.transport.is_closing():
-                return c, True
+        c = self.take()
+        if c is not None:
+            return c, True
         return await self.connect(), False
 
     def put(self, c: UpstreamConnection) -> None:

@@ -263,6 +263,7 @@ def test_response_headers_drop_hop_by_hop_and_add_the_supervisors_own():
            (b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"5"), (b"Date", b"x"), (b"Set-Cookie", b"a=1"),
            (b"Set-Cookie", b"b=2"), (b"X-Request-ID", b"worker-id"), (b"Trailer", b"t"), (b"Upgrade", b"u")]
     h = response_headers(raw, call, None)
+    assert response_headers(raw, call, None, [k.lower() for k, _ in raw]) == h
     assert h == [(b"Content-Type", b"text/plain"), (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
                  (b"X-Request-ID", b"req-1"), (b"X-Supervisor-Queue-Ms", b"12.500"), (b"X-Supervisor-Attempts", b"2")]
     assert (b"X-Degraded", b"fallback: cpu") in response_headers([(b"X-Degraded", b"no")], call, "fallback: cpu")
@@ -270,9 +271,11 @@ def test_response_headers_drop_hop_by_hop_and_add_the_supervisors_own():
 
 
 def test_sized_and_oom_answers():
-    assert sized([(b"Content-Length", b"10")], 10) and not sized([(b"content-length", b"11")], 10)
-    assert not sized([(b"Transfer-Encoding", b"chunked")], 10) and not sized([(b"Content-Length", b"x")], 10)
+    assert sized(b"10", 10) and not sized(b"11", 10)
+    assert not sized(None, 10) and not sized(b"x", 10) and not sized(b"", 10)
     assert is_oom([(b"X-Worker-Error", b" OOM ")]) and not is_oom([(b"X-Worker-Error", b"other")])
+    raw = [(b"Content-Type", b"text/plain"), (b"x-worker-error", b"oom")]
+    assert is_oom(raw, [b"content-type", b"x-worker-error"]) and not is_oom(raw[:1], [b"content-type"])
 
 
 # -- one exchange's bookkeeping ----------------------------------------------------------------------

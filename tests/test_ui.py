@@ -13,9 +13,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry, Counter
 
-from supervisor.ui import SampleRing, counter_total, request_rate, run_sampler, sample_from_status
+from supervisor.ui import SampleRing, request_rate, run_sampler, sample_from_status
 from tests.harness import REPO_ROOT, ctl_command, fast_config, wait_until
 
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
@@ -60,15 +59,6 @@ def test_sample_from_both_status_shapes():
         "gpu": [{"index": 0, "used": 5, "total": 10}]}
     no_total = {"queue": {"depth": {"a": 4, "b": 1}, "inflight": 0}, "gpu": {"available": False, "devices": []}}
     assert sample_from_status(no_total, 0, 0)["queue_depth"] == 5
-
-
-def test_counter_total_sums_every_label_value():
-    reg = CollectorRegistry()
-    c = Counter("gpu_supervisor_requests", "x", ["priority", "code", "worker"], registry=reg)
-    assert counter_total(c) == 0
-    c.labels("high", "200", "chat").inc(3)
-    c.labels("low", "503", "embed").inc(2)
-    assert counter_total(c) == 5
 
 
 async def test_sampler_task_fills_the_ring_until_cancelled():

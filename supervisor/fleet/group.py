@@ -52,13 +52,18 @@ class WorkerGroup:
 
     def started(self) -> bool:
         """Some replica holds, or is about to hold, its process (an on-demand worker's first request starts it)."""
-        return any(r.started for r in self.replicas)
+        for r in self.replicas:
+            if r.started:
+                return True
+        return False
 
     def pick(self, now: float) -> Replica | None:
-        cands = [r for r in self.replicas if r.can_take(now)]
-        r = pick_replica(cands, self._rr)
+        reps = self.replicas
         self._rr += 1
-        return r
+        if len(reps) == 1:  # one replica: no choice to make
+            r = reps[0]
+            return r if r.can_take(now) else None
+        return pick_replica([r for r in reps if r.can_take(now)], self._rr - 1)
 
     def refresh(self) -> None:
         """Slots follow the replicas that admit; the wait line opens when one does."""
@@ -69,8 +74,14 @@ class WorkerGroup:
             self.queue.pump()
 
     def any_breaker_allows(self, now: float) -> bool:
-        return any(r.breaker.would_allow(now) for r in self.replicas if r.state is not WorkerState.UNLOADED) \
-            or all(r.state is WorkerState.UNLOADED for r in self.replicas)
+        """Some loaded replica's breaker lets a call through (or none is loaded: starting one will tell)."""
+        loaded = False
+        for r in self.replicas:
+            if r.state is not WorkerState.UNLOADED:
+                if r.breaker.would_allow(now):
+                    return True
+                loaded = True
+        return not loaded
 
     def breaker_retry_after(self, now: float) -> float:
         waits = [r.breaker.retry_after(now) for r in self.replicas]

@@ -65,44 +65,49 @@ class Admission:
         return error_parts(r.etype, r.message, rid, r.retry_after_s, {"X-Degraded": d} if d else None)
 
     # -- parse and route -------------------------------------------------------------------------
-    async def route(self, request: Request, call: Call) -> int | None:
-        """The call's priority, client and routing facts, reading the body first when its `model` picks
-        the worker. Returns the request's Content-Length (None: chunked)."""
+    def route(self, request: Request, call: Call) -> bool:
+        """The call's priority, client and routing facts from its head. True when the JSON body's `model`
+        picks the worker: then `route_by_body` finishes the plan once the body is read."""
         s = self.settings
         planner = self.planner
         if not self.run.accepting:
             raise Rejected("shutting_down", "the supervisor is shutting down", s.drain.timeout_s)
-        call.level = planner.header_level(request.headers.get(planner.priority_header))
+        headers = request.headers
+        call.level = planner.header_level(headers.get(planner.priority_header))
         cl = request.content_length
         max_body = s.limits.max_body_bytes
         if cl is not None and cl > max_body:
             raise Rejected("payload_too_large", f"Content-Length {cl} is over limits.max_body_bytes ({max_body})")
         call.peer = request.remote
-        call.client = planner.client(request.headers, request.remote)
+        call.client = planner.client(headers, request.remote)
         # the JSON body's `model` picks the worker: read it only when it can matter, and only when it
         # is small enough to buffer (model routing reads bodies up to retry.max_body_bytes)
         route = planner.route(call.method, call.path)
         if (planner.wants_model(route) and request.body_exists and cl is not None and cl <= s.retry.max_body_bytes
-                and "json" in request.headers.get("Content-Type", "json")):
+                and "json" in headers.get("Content-Type", "json")):
             self.precheck(call)  # refuse what is sure to be refused before taking the body
-            await send_continue(request, call)
-            call.body = await read_body(request, max_body)
-            call.model = body_model(call.body)
-            route = planner.route(call.method, call.path, call.model)
+            return True
         call.route = route
-        planner.plan(call, timeout=request.headers.get(planner.timeout_header))
-        return cl
+        planner.plan(call, timeout=headers.get(planner.timeout_header))
+        return False
 
-    async def take_body(self, request: Request, call: Call, cl: int | None) -> None:
-        """The admitted request's body, held when small enough to send again; a larger one is streamed
-        through and cannot be repeated."""
-        if call.body is None:
-            s = self.settings
-            if not request.body_exists:
-                call.body = b""
-            elif cl is not None and cl <= s.retry.max_body_bytes:
-                call.body = await read_body(request, s.limits.max_body_bytes)
-        if call.body is None:
+    async def route_by_body(self, request: Request, call: Call) -> None:
+        """Read the (small, JSON) body and route by its `model`."""
+        planner = self.planner
+        await send_continue(request, call)
+        call.body = await read_body(request, self.settings.limits.max_body_bytes)
+        call.model = body_model(call.body)
+        call.route = planner.route(call.method, call.path, call.model)
+        planner.plan(call, timeout=request.headers.get(planner.timeout_header))
+
+    async def take_body(self, request: Request, call: Call) -> None:
+        """The admitted request's body (it has one), held when small enough to send again; a larger one is
+        streamed through and cannot be repeated."""
+        s = self.settings
+        cl = request.content_length
+        if cl is not None and cl <= s.retry.max_body_bytes:
+            call.body = await read_body(request, s.limits.max_body_bytes)
+        else:
             call.retry_ok = False  # streamed through: it cannot be sent twice
             call.max_attempts = 1
 

@@ -52,7 +52,9 @@ class Dispatcher:
             if state.abandoned:
                 raise state.shutting_down()
             call.attempt += 1
-            ticket = await self.wait_slot(call, call.attempt > 1 or requeued)
+            ticket = self.ask_slot(call, call.attempt > 1 or requeued)
+            if ticket.state != GRANTED:
+                ticket = await self.wait_slot(call, ticket)
             replica = None
             try:
                 now = time.monotonic()
@@ -87,21 +89,26 @@ class Dispatcher:
             finally:
                 g.queue.release(ticket, None)
 
-    async def wait_slot(self, call: Call, front: bool) -> Ticket:
-        """A granted queue ticket, or the answer to a call that waited past its limit."""
+    def ask_slot(self, call: Call, front: bool) -> Ticket:
+        """A queue ticket: granted at once when a slot is free, else waiting (see wait_slot)."""
         g = call.group
         assert g is not None
-        name = self.planner.level_names[call.level]
-        now = time.monotonic()
         if not g.started():
             self.fleet.wake(g)  # on demand: the first request starts it
         try:
-            ticket = g.queue.acquire(call.level, call.pool, now, call.gpu_mb, front, key=call.client)
+            ticket = g.queue.acquire(call.level, call.pool, time.monotonic(), call.gpu_mb, front, key=call.client)
         except QueueFull as full:
-            raise queue_full(g, full, call, name) from None
+            raise queue_full(g, full, call, self.planner.level_names[call.level]) from None
         if ticket.state == GRANTED:
-            self.metrics.observe_wait(name, 0.0)
-            return ticket
+            self.metrics.observe_wait(self.planner.level_names[call.level], 0.0)
+        return ticket
+
+    async def wait_slot(self, call: Call, ticket: Ticket) -> Ticket:
+        """The waiting ticket granted, or the answer to a call that waited past its limit."""
+        g = call.group
+        assert g is not None
+        name = self.planner.level_names[call.level]
+        now = ticket.enqueued_at
         limit = call.queue_limit if call.deadline is None else min(call.queue_limit, call.deadline - now)
         try:
             async with asyncio.timeout(max(0.0, limit)):

@@ -17,7 +17,7 @@ from ..fleet.process import Incarnation, InFlight
 from ..jobs.model import JobFailed, JobResult
 from ..response_spool import ResponseSpool, SpoolError
 from ..states import ExitReason
-from ..upstream import UpstreamConnection, UpstreamError
+from ..upstream import UpstreamError
 from .framing import (
     STREAM_CHUNK,
     fill,
@@ -160,14 +160,18 @@ class Exchange(InFlight):
         self.wire.slot_free()
 
     # -- HTTP ----------------------------------------------------------------------------------------
-    async def send(self, request: Request) -> UpstreamConnection:
-        """The request to the worker, its body held or streamed; the answer's head is in on return."""
+    async def forward(self, request: Request, responder: Responder) -> int:
+        """Send, then answer the client: at once when the answer is all in (or small enough to gather
+        first), else relayed as it comes. Returns the status."""
         call = self.call
         head_bytes = request_head(request, call)
         body = call.body
         pool = self.inc.pool
-        for _ in range(2):
-            conn, reused = await pool.get()
+        for _ in range(2):  # the request to the worker, its body held or streamed, until the answer's head is in
+            conn = pool.take()
+            reused = conn is not None
+            if conn is None:
+                conn = await pool.connect()
             try:
                 fut = conn.start(head_bytes, body, call.method == "HEAD")
                 if body is None:
@@ -182,34 +186,29 @@ class Exchange(InFlight):
             except BaseException:
                 conn.abort()  # timeout or the client left: closing tells the worker to stop
                 raise
-            return conn
-        raise UpstreamError("reset", "worker closed the connection")
-
-    async def forward(self, request: Request, responder: Responder) -> int:
-        """Send, then answer the client: at once when the answer is all in (or small enough to gather
-        first), else relayed as it comes. Returns the status."""
-        conn = await self.send(request)
+            break
+        else:
+            raise UpstreamError("reset", "worker closed the connection")
         self.conn = conn
-        call = self.call
-        pool = self.inc.pool
         try:
-            self.oom = is_oom(conn.headers)
+            names = conn.names
+            self.oom = is_oom(conn.headers, names)
             self.status = conn.status
-            headers = response_headers(conn.headers, call, self.replica.degraded)
+            headers = response_headers(conn.headers, call, self.replica.degraded, names)
             first: list[bytes] = []
             buffer_bytes = self.wire.limits.buffer_bytes
-            if not conn.complete and call.method != "HEAD" and sized(conn.headers, buffer_bytes):
+            if not conn.complete and call.method != "HEAD" and sized(conn.content_length, buffer_bytes):
                 # an answer of a known size (not a stream): hold its head until it is all in, so a worker
                 # that dies mid-answer means a retry (or a typed 502 worker_crashed), never a cut body
                 first, done = await gather(conn, buffer_bytes)
                 if done:
                     pool.put(conn)
                     self.record()
-                    await responder.send(conn.status, headers, b"".join(first))
+                    responder.send_now(conn.status, headers, b"".join(first))
                     return conn.status
             if not conn.complete:
                 return await self.relay(request, responder, headers, first)
-            status, data, raw = conn.status, conn.take_buffered(), conn.headers
+            status, data, cl = conn.status, conn.take_buffered(), conn.content_length
             pool.put(conn)
         except BaseException:
             if not self.finished:  # (once finished, the connection is back in the pool: not ours)
@@ -217,11 +216,10 @@ class Exchange(InFlight):
             raise
         self.record()
         if call.method == "HEAD":
-            cl = header_value(raw, b"content-length")
             await responder.start(status, headers, int(cl) if cl is not None and cl.isdigit() else None)
             await responder.end()
             return status
-        await responder.send(status, headers, data)
+        responder.send_now(status, headers, data)
         return status
 
     async def relay(self, request: Request, responder: Responder, headers: list[tuple[bytes, bytes]],
@@ -232,7 +230,7 @@ class Exchange(InFlight):
         conn = self.conn
         call = self.call
         tm = self.tm
-        cl = header_value(conn.headers, b"content-length")
+        cl = conn.content_length
         sse = (header_value(conn.headers, b"content-type") or b"").startswith(b"text/event-stream")
         await responder.start(conn.status, headers, int(cl) if cl is not None and cl.isdigit() else None)
         lim = self.wire.limits
@@ -315,7 +313,7 @@ class Exchange(InFlight):
             self.conn = conn
             await conn.start(head_bytes, call.body, call.method == "HEAD")
             self.status = conn.status
-            self.oom = is_oom(conn.headers)
+            self.oom = is_oom(conn.headers, conn.names)
             ctype = next((v.decode("latin-1") for k, v in conn.headers if k.lower() == b"content-type"), None)
             chunks, size = [], 0
             while chunk := await conn.read():

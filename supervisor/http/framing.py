@@ -33,6 +33,7 @@ OURS = frozenset({b"x-request-id", b"x-supervisor-queue-ms", b"x-supervisor-atte
 NOT_PASSED_ON = RESPONSE_DROP | OURS
 STREAM_CHUNK = 1 << 16
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_METHOD_BYTES = {m: m.encode() for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")}
 
 
 # -- the request, to the worker ----------------------------------------------------------------------
@@ -58,26 +59,32 @@ def head(call: Call, target: str, raw, peer: bytes, scheme: bytes) -> bytes:
     """The request line and headers a worker gets: end-to-end headers only (hop-by-hop ones and those
     the Connection header names, never Host), X-Forwarded-*, the request id and the body's framing
     (chunked when the body is streamed through, else Content-Length)."""
-    parts = [call.method.encode(), b" ", target.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\n"]
     conn_tokens: tuple[bytes, ...] = ()
     xff = None
     host = None
+    fields: list[bytes] = []
     for k, v in raw:
         lk = k.lower()
-        if lk == b"connection":
-            conn_tokens += tuple(t.strip().lower() for t in v.split(b","))
-        elif lk == b"x-forwarded-for":
-            xff = v
-        elif lk == b"host":
-            host = v
-    for k, v in raw:
-        lk = k.lower()
-        if lk in HOP_BY_HOP or (conn_tokens and lk in conn_tokens and lk not in NEVER_STRIPPED):
+        if lk in HOP_BY_HOP:
+            if lk == b"connection":
+                conn_tokens += tuple(t.strip().lower() for t in v.split(b","))
+            elif lk == b"x-forwarded-for":
+                xff = v
             continue
-        parts += (k, b": ", v, b"\r\n")
+        if lk == b"host":
+            host = v
+        fields += (k, b": ", v, b"\r\n")
+    if conn_tokens:  # (rare) the headers the Connection header names are hop-by-hop too, Host aside
+        fields = []
+        for k, v in raw:
+            lk = k.lower()
+            if lk not in HOP_BY_HOP and (lk not in conn_tokens or lk in NEVER_STRIPPED):
+                fields += (k, b": ", v, b"\r\n")
+    parts = [_METHOD_BYTES.get(call.method) or call.method.encode(), b" ",
+             target.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\n", *fields]
     parts += (b"X-Forwarded-For: ", xff + b", " + peer if xff else peer, b"\r\n",
               b"X-Forwarded-Proto: ", scheme, b"\r\n",
-              b"X-Request-ID: ", call.rid.encode(), b"\r\n")
+              b"X-Request-ID: ", call.rid.encode("latin-1"), b"\r\n")
     if host is not None:
         parts += (b"X-Forwarded-Host: ", host, b"\r\n")
     body = call.body
@@ -120,10 +127,13 @@ async def stream_body(request: Request, conn: UpstreamConnection, limit: int) ->
 
 
 # -- the answer, to the client -----------------------------------------------------------------------
-def response_headers(raw: list[tuple[bytes, bytes]], call: Call, degraded: str | None) -> list[tuple[bytes, bytes]]:
+def response_headers(raw: list[tuple[bytes, bytes]], call: Call, degraded: str | None,
+                     names: list[bytes] | None = None) -> list[tuple[bytes, bytes]]:
     """The worker's end-to-end headers, with the request id, queue time, attempts and X-Degraded (ours
-    replace any the worker sent under those names)."""
-    h = [(k, v) for k, v in raw if k.lower() not in NOT_PASSED_ON]
+    replace any the worker sent under those names). `names`: the header names lowercased, when known."""
+    if names is None:
+        names = [k.lower() for k, _ in raw]
+    h = [kv for lk, kv in zip(names, raw) if lk not in NOT_PASSED_ON]
     h += ((b"X-Request-ID", call.rid.encode()), (b"X-Supervisor-Queue-Ms", b"%.3f" % (call.queued_s * 1000)),
           (b"X-Supervisor-Attempts", b"%d" % call.attempt))
     if degraded:
@@ -149,7 +159,7 @@ def encode_headers(headers) -> list[tuple[bytes, bytes]]:
 
 
 async def send_parts(responder: Responder, status: int, headers: dict[str, str], body: bytes) -> int:
-    await responder.send(status, encode_headers(headers), body)
+    responder.send_now(status, encode_headers(headers), body)
     return status
 
 
@@ -159,22 +169,19 @@ async def send_web(responder: Responder, resp: web.Response) -> int:
     return await send_parts(responder, resp.status, resp.headers, body)
 
 
-def is_oom(raw: list[tuple[bytes, bytes]]) -> bool:
+def is_oom(raw: list[tuple[bytes, bytes]], names: list[bytes] | None = None) -> bool:
+    """The worker says it ran out of memory (`X-Worker-Error: oom`). `names`: lowercased, when known."""
+    if names is not None and b"x-worker-error" not in names:
+        return False
     for k, v in raw:
         if k.lower() == b"x-worker-error" and v.strip().lower() == b"oom":
             return True
     return False
 
 
-def sized(raw: list[tuple[bytes, bytes]], limit: int) -> bool:
-    """An answer with a Content-Length within `limit` (chunked or close-delimited ones are streams)."""
-    for k, v in raw:
-        if k.lower() == b"content-length":
-            try:
-                return int(v) <= limit
-            except ValueError:
-                return False
-    return False
+def sized(content_length: bytes | None, limit: int) -> bool:
+    """An answer whose Content-Length is within `limit` (chunked or close-delimited ones are streams)."""
+    return content_length is not None and content_length.isdigit() and int(content_length) <= limit
 
 
 async def gather(conn: UpstreamConnection, limit: int) -> tuple[list[bytes], bool]:

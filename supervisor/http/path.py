@@ -67,49 +67,61 @@ class RequestPath:
 
     # -- a request -------------------------------------------------------------------------------
     async def handle(self, request: Request, responder: Responder) -> int:
-        """Answer one request exactly once (through `responder`); its status, as counted."""
+        """Answer one request exactly once (through `responder`); its status, as counted. One coroutine from
+        arrival to answer, with the dispatcher's and the exchange's below it: every frame of the chain is
+        resumed on each wake-up, so the path has no other."""
         t0 = time.monotonic()
-        rid = request.headers.get("X-Request-ID")
+        run = self.run
+        run.active += 1
+        headers = request.headers
+        rid = headers.get("X-Request-ID")
         call = Call(rid or "", t0, request.method, request.path, self.planner.default_level)
         admission = self.admission
         try:
-            if rid is None:
-                call.rid = self.new_request_id()
-            elif not REQUEST_ID_RE.match(rid):
-                call.rid = self.new_request_id()
-                raise Rejected("bad_request", "X-Request-ID: must be 1-200 visible ASCII characters")
-            admission.check_request_line(request)
-            if admission.asks_models(call):
-                status = await send_parts(responder, *admission.models(call))
-            else:
-                status = await self._serve(request, responder, call)
-        except Rejected as r:
-            parts = admission.reject(r, call.rid)
-            if responder.started:  # (an answer under way cannot become an error any more: cut it)
-                request.close()
-                status = parts[0]
-            else:
-                status = await send_parts(responder, *parts)
-        except asyncio.CancelledError:
-            # the client went away (queued, running or mid-stream): counted as nginx does, 499
-            self._observe(call, CLIENT_CLOSED)
-            raise
-        self._observe(call, status)
-        if self.settings.logging.access:
-            access_log.info("request", request_id=call.rid, method=call.method, path=call.path, status=status,
-                            priority=self.planner.level_names[max(call.level, 0)], worker=call.worker_label,
-                            attempts=call.attempt, duration_ms=round((time.monotonic() - t0) * 1000, 3))
-        return status
-
-    async def _serve(self, request: Request, responder: Responder, call: Call) -> int:
-        admission = self.admission
-        cl = await admission.route(request, call)
-        if self.run.jobs is not None and wants_async(request.headers.getall("Prefer", ())):
-            return await send_web(responder, await admission.submit_job(request, call))
-        admission.admit(call)
-        await send_continue(request, call)
-        await admission.take_body(request, call, cl)
-        return await self.dispatcher.dispatch(call, lambda ex: ex.answer(request, responder))
+            try:
+                if rid is None:
+                    call.rid = self.new_request_id()
+                elif not REQUEST_ID_RE.match(rid):
+                    call.rid = self.new_request_id()
+                    raise Rejected("bad_request", "X-Request-ID: must be 1-200 visible ASCII characters")
+                admission.check_request_line(request)
+                if admission.asks_models(call):
+                    status = await send_parts(responder, *admission.models(call))
+                else:
+                    if admission.route(request, call):
+                        await admission.route_by_body(request, call)  # the body's `model` picks the worker
+                    if run.jobs is not None and headers.get("Prefer") is not None \
+                            and wants_async(headers.getall("Prefer")):
+                        status = await send_web(responder, await admission.submit_job(request, call))
+                    else:
+                        admission.admit(call)
+                        if request.expect_continue and not call.continue_sent:
+                            await send_continue(request, call)
+                        if call.body is None:
+                            if request.body_exists:
+                                await admission.take_body(request, call)
+                            else:
+                                call.body = b""
+                        status = await self.dispatcher.dispatch(call, lambda ex: ex.answer(request, responder))
+            except Rejected as r:
+                parts = admission.reject(r, call.rid)
+                if responder.started:  # (an answer under way cannot become an error any more: cut it)
+                    request.close()
+                    status = parts[0]
+                else:
+                    status = await send_parts(responder, *parts)
+            except asyncio.CancelledError:
+                # the client went away (queued, running or mid-stream): counted as nginx does, 499
+                self._observe(call, CLIENT_CLOSED)
+                raise
+            self._observe(call, status)
+            if self.settings.logging.access:
+                access_log.info("request", request_id=call.rid, method=call.method, path=call.path, status=status,
+                                priority=self.planner.level_names[max(call.level, 0)], worker=call.worker_label,
+                                attempts=call.attempt, duration_ms=round((time.monotonic() - t0) * 1000, 3))
+            return status
+        finally:
+            run.request_done()
 
     def _observe(self, call: Call, code: int) -> None:
         level = call.level if call.level >= 0 else self.planner.default_level

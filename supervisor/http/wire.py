@@ -116,6 +116,16 @@ def error_answer(status: int, etype: str, message: str, date: bytes) -> bytes:
 
 
 # -- the request ---------------------------------------------------------------------------------------------
+_KEYS: dict[str, bytes] = {}  # a looked-up name, encoded and lowercased once
+
+
+def _key(name: str) -> bytes:
+    key = name.encode("latin-1").lower()
+    if len(_KEYS) < 256:  # the daemon asks for a handful of names; a bound all the same
+        _KEYS[name] = key
+    return key
+
+
 class Headers:
     """Case-insensitive read-only view over a request's raw header list: a scan per lookup, no dict built
     (a head holds at most max_headers fields). Names and values are latin-1 decoded."""
@@ -126,7 +136,7 @@ class Headers:
         self._raw = raw
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        key = name.encode("latin-1").lower()
+        key = _KEYS.get(name) or _key(name)
         n = len(key)
         for k, v in self._raw:
             if len(k) == n and k.lower() == key:
@@ -135,7 +145,7 @@ class Headers:
 
     def getall(self, name: str, default=None) -> list[str]:
         """Every value of `name`, in order; [] (or `default` when given) when there is none."""
-        key = name.encode("latin-1").lower()
+        key = _KEYS.get(name) or _key(name)
         n = len(key)
         found = [v.decode("latin-1") for k, v in self._raw if len(k) == n and k.lower() == key]
         return found if found or default is None else default
@@ -379,7 +389,10 @@ class Responder:
     async def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
         """A whole answer: head and body in one write (Content-Length added; HEAD gets the head only). It is
         handed to the transport and not waited on: a slow reader holds the bytes, not the handler."""
-        # the hot path: _begin() written out here
+        self.send_now(status, headers, body)
+
+    def send_now(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
+        """`send`, for a caller that is not a coroutine (or saves making one): it never waits."""
         if self.started:
             raise RuntimeError(f"{self!r} already answered")
         if not 200 <= status <= 999:

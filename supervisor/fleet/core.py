@@ -246,7 +246,8 @@ class Fleet:
 
     def idle(self, r: Replica) -> None:
         r.last_used = time.monotonic()
-        self.room.changed()  # an idle replica may now be evicted for a waiter
+        if self.room.gate_waiters:  # (per request: the room's loops are woken only when it can matter)
+            self.room.changed()  # an idle replica may now be evicted for a waiter
         self.events.slot_free()
 
     def down(self, r: Replica) -> None:

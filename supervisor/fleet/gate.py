@@ -43,6 +43,7 @@ class RoomGate:
             return True
         if marks.waiting_since is None:
             marks.waiting_since = time.monotonic()
+        self.room.gate_waiters += 1
         try:
             while True:
                 now = time.monotonic()
@@ -74,6 +75,7 @@ class RoomGate:
                     return False
         finally:
             marks.waiting_since = None
+            self.room.gate_waiters -= 1
 
     def _evict(self, key, for_replica: Replica) -> None:
         v = self._find(key)

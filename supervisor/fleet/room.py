@@ -28,6 +28,7 @@ class GpuRoom:
         self._replicas = replicas  # every replica of the fleet, each time it is asked
         self._reading: Reading | None = None
         self.changed_event = asyncio.Event()  # set (and replaced) whenever a plan may have changed
+        self.gate_waiters = 0  # replicas waiting in the gate for room now (RoomGate.admit)
 
     # -- events --------------------------------------------------------------------------------
     def changed(self) -> None:

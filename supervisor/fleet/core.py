@@ -176,6 +176,11 @@ class Fleet:
         old = r.state
         if old is new:
             return
+        if old in SERVING_STATES and new in SERVING_STATES:
+            # ready <-> busy, twice per request on an idle replica: serving stays true, nothing waits on
+            # it and there is nothing to log (the access log has the request)
+            r.state = new
+            return
         check_move(old, new)
         r.state = new
         moved, r.moved = r.moved, asyncio.Event()
@@ -191,8 +196,7 @@ class Fleet:
             # is logged with its pid), and none before the next one is spawned
             worker_pid=inc.pid if inc is not None and inc.pid and not inc.exited.is_set() else None,
         )
-        if not (old in SERVING_STATES and new in SERVING_STATES):  # ready <-> busy happens per request
-            self._serving_changed(r, old, new, reason)
+        self._serving_changed(r, old, new, reason)
 
     def _serving_changed(self, r: Replica, old: WorkerState, new: WorkerState, reason: str) -> None:
         g = self.groups.get(r.worker)

@@ -24,6 +24,7 @@ from .jobs.settings import resolve_state_dir, store_spec
 from .jobs.store import StoreUnavailable, open_store
 from .metrics import Metrics
 from .pressure_control import PressureControl
+from .routing.router import SignalScrapers
 from .runstate import RunState
 from .states import SERVING_STATES, UNLOAD_EXITS, BreakerState, WorkerState
 from .status_view import metrics_state, render_status
@@ -60,6 +61,7 @@ class Supervisor:
         self.pressure = PressureControl(self.settings, self.fleet, self.metrics, nvml_factory)
         self.fleet.queue_gate = self._gpu_fits
         self.path = RequestPath(self.settings, self.fleet, self.metrics, self.pressure, self.run)
+        self.scrapers = SignalScrapers(self.fleet)  # engines' own load, for workers that ask
         self.metrics.attach_state(self._metrics_state)
 
     @property
@@ -75,6 +77,7 @@ class Supervisor:
     def start(self) -> None:
         self.fleet.start()
         self.pressure.start()
+        self.scrapers.sync()
 
     async def open_jobs(self, state_env: dict[str, str], consumer: str) -> None:
         """The durable job store and its manager (SQLite in the state directory unless configured)."""
@@ -93,6 +96,7 @@ class Supervisor:
         if self.jobs is not None:
             await self.jobs.aclose(grace_s=0.0)
         await self.pressure.aclose()
+        await self.scrapers.aclose()
         await self.fleet.aclose()
 
     def apply(self, loaded: LoadedConfig) -> ReloadSummary:
@@ -106,6 +110,7 @@ class Supervisor:
         self.run.drain_timeout_s = self.settings.drain.timeout_s
         self.path.derive(self.settings)
         self.pressure.reconfigure(self.settings)
+        self.scrapers.sync()
         self.room.changed()
         return done
 

@@ -37,6 +37,7 @@ Ratio = Annotated[float, Field(gt=0, le=1)]
 DEFAULT_WORKER_COMMAND = (
     "python", "-m", "model_worker", "--socket", "{socket}", "--model", "models/tiny-gpt2",
 )
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"})
 
 
@@ -185,6 +186,59 @@ class Worker(_Model):
 WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 
+class PrefixAffinity(_Model):
+    """SGLang's cache-aware rule: the longest cached prefix, unless the pool is unbalanced."""
+
+    min_match: Ratio = 0.3
+    """Prefer the replica whose cached prefix covers at least this share of the prompt."""
+    balance_abs: NonNegFloat = 8
+    """...unless the pool is unbalanced: load max - min over this..."""
+    balance_rel: Annotated[float, Field(ge=1)] = 1.5
+    """...and max over balance_rel x min: then the least loaded replica."""
+    max_bytes: PosInt = 16 * 1024 * 1024
+    """Bound of each replica's prefix index, in prompt bytes (least recently used dropped)."""
+
+
+class Routing(_Model):
+    """Which replica of a worker takes a request (DESIGN: Choosing a replica)."""
+
+    affinity: Literal["none", "session", "prefix"] = "none"
+    """none: least in flight; session: a session sticks to a replica; prefix: the replica that cached most
+    of the prompt's beginning."""
+    session_header: str = "X-Session-ID"
+    """session: this header, else the JSON body's `user`, names the session."""
+    prefix: PrefixAffinity = PrefixAffinity()
+    """prefix: the cache-aware rule's thresholds and the index bound."""
+
+    @classmethod
+    def _problems(cls, data: dict) -> list[str]:
+        h = data.get("session_header")
+        if isinstance(h, str) and not _HEADER_TOKEN.fullmatch(h):
+            return [f"session_header: {h!r} is not a header name"]
+        return []
+
+
+class LoadSignals(_Model):
+    """The engine's own load, read from its Prometheus text off the request path."""
+
+    preset: Literal["none", "vllm", "sglang", "tgi", "llamacpp"] = "none"
+    """Metric names of an engine (none: no scraping unless a name below is given)."""
+    path: UrlPath = "/metrics"
+    """Where the engine serves its metrics, on the worker's socket."""
+    interval_s: PosFloat = 0.5
+    """How often each replica is read."""
+    waiting: str | None = None
+    """Metric of the engine's waiting requests (overrides the preset)."""
+    running: str | None = None
+    """Metric of the engine's running requests (overrides the preset)."""
+    kv_usage: str | None = None
+    """Metric of the engine's KV cache usage, 0..1 (overrides the preset)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.preset != "none" or any(n is not None for n in (self.waiting, self.running, self.kv_usage))
+
+
 class WorkerSpec(Worker):
     """One named worker of the fleet: the `worker` keys plus how many replicas, where, and when."""
 
@@ -208,6 +262,10 @@ class WorkerSpec(Worker):
     """How long a fresh replica stays before it may be evicted."""
     max_starvation_s: PosFloat = 30.0
     """How long a replica may wait for room on its GPU before busy replicas there are drained for it."""
+    routing: Routing = Routing()
+    """Which replica takes a request: least in flight, or session or prefix affinity."""
+    load_signals: LoadSignals = LoadSignals()
+    """The engine's own load (waiting, running, KV usage) from its Prometheus text."""
 
     @classmethod
     def _problems(cls, data: dict) -> list[str]:
@@ -229,7 +287,8 @@ class WorkerSpec(Worker):
         models, slots, on-demand policy) the fleet applies without a restart."""
         return self.model_copy(update={"gpus": None, "replicas": None, "models": (), "concurrency": None,
                                        "start": "eager", "idle_unload_s": 0.0, "pinned": False,
-                                       "min_resident_s": 0.0, "max_starvation_s": 1.0, "gpu_memory_mb": 0})
+                                       "min_resident_s": 0.0, "max_starvation_s": 1.0, "gpu_memory_mb": 0,
+                                       "routing": Routing(), "load_signals": LoadSignals()})
 
     def placements(self, gpus_seen: int | None = None) -> tuple[int | None, ...]:
         """The GPU of each replica (None: no GPU pinned); `auto` takes every GPU NVML sees (at least one
@@ -253,7 +312,6 @@ class Pool(_Model):
     """Slots of this pool."""
 
 
-_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 
 
 class Fairness(_Model):

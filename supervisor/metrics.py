@@ -1,6 +1,6 @@
 """Prometheus metrics: declared together with fixed label names, one registry per supervisor.
 
-The three series every request moves (requests, request duration, queue wait) are plain counts kept by
+The series every request moves (requests, request duration, queue wait, routing decisions) are plain counts kept by
 `RequestMetrics` and rendered at scrape time, as prometheus_client renders a Counter and a Histogram
 (`_total`/`_bucket`/`_count`/`_sum` and `_created`): no lock, no label lookup per request. The others are
 prometheus_client Counters and Histograms; everything that is a reading of current state is produced at
@@ -62,6 +62,7 @@ class Metrics:
             self.worker_protocol_errors.labels(kind)
         self.observe_request = self.per_request.observe_request
         self.observe_wait = self.per_request.observe_wait
+        self.observe_decision = self.per_request.observe_decision
 
     def requests_total(self) -> int:
         """Requests answered so far, all labels together."""
@@ -101,6 +102,7 @@ class RequestMetrics(Collector):
         self.requests: dict[tuple[str, int, str], _Count] = {}
         self.duration: dict[str, _Hist] = {}
         self.queue_wait: dict[str, _Hist] = {}
+        self.decisions: dict[tuple[str, str], _Count] = {}
 
     def observe_request(self, priority: str, code: int, duration_s: float, worker: str = "none") -> None:
         c = self.requests.get((priority, code, worker))
@@ -120,6 +122,13 @@ class RequestMetrics(Collector):
         h.counts[bisect_left(self.buckets, wait_s)] += 1
         h.sum += wait_s
 
+    def observe_decision(self, worker: str, decision: str) -> None:
+        """A replica was chosen for a call, and why (routing: least_loaded, session, prefix_hit, ...)."""
+        c = self.decisions.get((worker, decision))
+        if c is None:
+            c = self.decisions[(worker, decision)] = _Count()
+        c.n += 1
+
     def collect(self) -> Iterator[Metric]:
         req = Metric(P + "requests", "Requests answered, by priority, HTTP status and worker.", "counter")
         for (prio, code, worker), c in list(self.requests.items()):
@@ -127,6 +136,13 @@ class RequestMetrics(Collector):
             req.add_sample(P + "requests_total", labels, c.n)
             req.add_sample(P + "requests_created", labels, c.created)
         yield req
+        dec = Metric(P + "routing_decisions", "Replicas chosen for requests, by worker and why "
+                     "(least_loaded, session, prefix_hit, prefix_miss, balance).", "counter")
+        for (worker, decision), c in list(self.decisions.items()):
+            labels = {"worker": worker, "decision": decision}
+            dec.add_sample(P + "routing_decisions_total", labels, c.n)
+            dec.add_sample(P + "routing_decisions_created", labels, c.created)
+        yield dec
         yield self._histogram(P + "request_duration_seconds", "Time from arrival to the end of the answer.",
                               self.duration)
         yield self._histogram(P + "queue_wait_seconds", "Time spent queued before a worker slot.", self.queue_wait)
@@ -146,6 +162,7 @@ class RequestMetrics(Collector):
     def describe(self) -> Iterator[Metric]:
         # the names this collector owns, so the registry refuses a second metric of the same name
         yield Metric(P + "requests", "", "counter")
+        yield Metric(P + "routing_decisions", "", "counter")
         yield Metric(P + "request_duration_seconds", "", "histogram")
         yield Metric(P + "queue_wait_seconds", "", "histogram")
 

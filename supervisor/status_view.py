@@ -19,7 +19,7 @@ def _breaker(r: Replica, now: float) -> dict:
             "slow_call_rate": round(b.slow_rate, 4), "retry_after_s": round(b.retry_after(now), 3)}
 
 
-def _replica(sup: Supervisor, r: Replica, now: float) -> dict:
+def _replica(sup: Supervisor, g: WorkerGroup, r: Replica, now: float) -> dict:
     m = r.status()
     return {
         "index": r.index, "gpu": r.gpu, "state": m["state"], "pid": m["pid"], "restarts": m["restarts"],
@@ -30,6 +30,7 @@ def _replica(sup: Supervisor, r: Replica, now: float) -> dict:
         "degraded": m["degraded"], "backoff_s": m["backoff_s"],
         "waiting_for_room": r.room.waiting_since is not None,
         "refused": r.room.refused,
+        **g.router.status(r, now),
     }
 
 
@@ -66,7 +67,8 @@ def render_status(sup: Supervisor) -> dict:
             "models": list(g.models), "models_declared": bool(g.spec.models),
             "models_missing": None if g.models_missing is None else list(g.models_missing), "start": g.spec.start,
             "pinned": g.spec.pinned, "idle_unload_s": g.spec.idle_unload_s,
-            "replicas": [_replica(sup, r, now) for r in g.replicas], "queue": q,
+            "replicas": [_replica(sup, g, r, now) for r in g.replicas], "queue": q,
+            "routing": g.spec.routing.affinity, "load_signals": g.spec.load_signals.enabled,
         }
     fm = first.status()
     gpu = dict(sup.pressure.gpu_status)

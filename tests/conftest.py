@@ -16,7 +16,7 @@ from tests.harness import SupervisorProcess
 E2E_MODULES = frozenset({
     "test_model_worker", "test_model_worker_schema", "test_model_worker_supervised", "test_ui",
     "test_grafana_dashboard", "test_sd_notify", "test_status_cli", "test_systemd", "test_workers_selfcheck",
-    "test_deploy_kubernetes", "test_gpu_e2e",
+    "test_deploy_kubernetes", "test_gpu_e2e", "test_fake_engine", "test_routing_signals",
 })
 
 

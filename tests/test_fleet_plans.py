@@ -9,7 +9,7 @@ import pytest
 
 from supervisor import config as cfg
 from supervisor.circuit_breaker import CircuitBreaker
-from supervisor.fleet import Replica, pick_replica
+from supervisor.fleet import Replica
 from supervisor.fleet.process import ExitInfo, Incarnation, InFlight
 from supervisor.fleet.replica import admits
 from supervisor.fleet.room import GpuRoom
@@ -64,13 +64,6 @@ def test_an_open_breaker_keeps_a_serving_replica_from_taking_requests() -> None:
         r.breaker.record(False, 0.01, float(t), float(t))
     assert r.admits and not r.can_take(4.0)
     assert r.can_take(10.0)  # open_s passed: the next request is its probe
-
-
-def test_the_least_loaded_replica_is_picked_and_ties_go_round_robin() -> None:
-    a, b, c = replica(index=0), replica(index=1), replica(index=2)
-    a.current.inflight[1] = InFlight(0.0)
-    assert pick_replica([a, b, c], 0) is b and pick_replica([a, b, c], 1) is c and pick_replica([a, b, c], 2) is b
-    assert pick_replica([], 0) is None
 
 
 # -- the GPU room's gate -----------------------------------------------------------------------------

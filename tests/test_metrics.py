@@ -1,5 +1,5 @@
-"""The per-request series are counted by hand (RequestMetrics) and must read exactly as prometheus_client's
-own Counter and Histogram would, for every label value and bucket edge."""
+"""The per-request series and routing decisions are counted by hand (RequestMetrics) and must read exactly
+as prometheus_client's own Counter and Histogram would, for every label value and bucket edge."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ def test_request_series_read_as_prometheus_clients_counter_and_histograms():
                          ["priority"], buckets=LONG_BUCKETS, registry=ref)
     wait = Histogram(P + "queue_wait_seconds", "Time spent queued before a worker slot.", ["priority"],
                      buckets=LONG_BUCKETS, registry=ref)
+    decisions = Counter(P + "routing_decisions", "Replicas chosen for requests, by worker and why "
+                        "(least_loaded, session, prefix_hit, prefix_miss, balance).", ["worker", "decision"],
+                        registry=ref)
     for i, v in enumerate(OBSERVED):
         prio, code, worker = ("high", 200, "chat") if i % 3 else ("low", 503, "none")
         m.observe_request(prio, code, v, worker)
@@ -35,6 +38,9 @@ def test_request_series_read_as_prometheus_clients_counter_and_histograms():
         duration.labels(prio).observe(v)
         m.observe_wait(prio, v / 2)
         wait.labels(prio).observe(v / 2)
+        decision = ("prefix_hit", "session", "balance")[i % 3]
+        m.observe_decision(worker, decision)
+        decisions.labels(worker, decision).inc()
     assert sorted(_lines(ours)) == sorted(_lines(ref))
     text = generate_latest(ours).decode()
     assert f'{P}requests_total{{code="200",priority="high",worker="chat"}} 6.0' in text

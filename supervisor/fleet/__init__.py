@@ -2,9 +2,9 @@
 each replica's process run by its lifecycle (lifecycle.py); GPU room plans carried out at its gate."""
 
 from .core import Fleet
-from .group import WorkerGroup, pick_replica
+from .group import WorkerGroup
 from .process import ExitInfo, Incarnation, InFlight
 from .reload import ReloadSummary
 from .replica import Replica
 
-__all__ = ["ExitInfo", "Fleet", "InFlight", "Incarnation", "ReloadSummary", "Replica", "WorkerGroup", "pick_replica"]
+__all__ = ["ExitInfo", "Fleet", "InFlight", "Incarnation", "ReloadSummary", "Replica", "WorkerGroup"]

@@ -5,17 +5,9 @@ from __future__ import annotations
 
 from ..config import Settings, WorkerSpec
 from ..request_queue import RequestQueue
+from ..routing.router import GroupRouter
 from ..states import WorkerState
 from .replica import Replica
-
-
-def pick_replica(candidates: list[Replica], rr: int) -> Replica | None:
-    """The replica with the fewest requests in flight; ties go round robin from `rr`."""
-    if not candidates:
-        return None
-    least = min(r.inflight for r in candidates)
-    tied = [r for r in candidates if r.inflight == least]
-    return tied[rr % len(tied)]
 
 
 class WorkerGroup:
@@ -31,8 +23,8 @@ class WorkerGroup:
         # declared names its own GET /v1/models does not serve (None: not checked, or nothing declared)
         self.models_missing: tuple[str, ...] | None = None
         self.concurrency = spec.concurrency or settings.queue.concurrency
-        self._rr = 0
         self.paused = False  # memory pressure paused dispatch
+        self.router = GroupRouter(name)  # which replica takes a call (least in flight, or affinity)
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -56,14 +48,6 @@ class WorkerGroup:
             if r.started:
                 return True
         return False
-
-    def pick(self, now: float) -> Replica | None:
-        reps = self.replicas
-        self._rr += 1
-        if len(reps) == 1:  # one replica: no choice to make
-            r = reps[0]
-            return r if r.can_take(now) else None
-        return pick_replica([r for r in reps if r.can_take(now)], self._rr - 1)
 
     def refresh(self) -> None:
         """Slots follow the replicas that admit; the wait line opens when one does."""

@@ -52,6 +52,7 @@ class Replica:
     def __init__(self, worker: str, index: int, gpu: int | None, spec: WorkerSpec, breaker: CircuitBreaker):
         self.worker = worker
         self.index = index
+        self.tag = f"{worker}/{index}".encode()  # X-Supervisor-Replica of its answers
         self.gpu = gpu
         self.spec = spec  # its worker's spec (a reload hands a new one)
         self.breaker = breaker

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..pressure_control import PressureControl
     from ..runstate import RunState
     from .call import Call, CallPlanner
-    from .wire import Request
+    from .wire import Headers, Request
 
 JOB_SUBMIT_ERRORS = (CallbackRefused, Conflict, Full, StoreUnavailable)
 MODELS_PATH = "/v1/models"  # the daemon answers the list and each card itself (every worker's models)
@@ -89,6 +89,7 @@ class Admission:
             return True
         call.route = route
         planner.plan(call, timeout=headers.get(planner.timeout_header))
+        self._session(call, headers)
         return False
 
     async def route_by_body(self, request: Request, call: Call) -> None:
@@ -99,6 +100,15 @@ class Admission:
         call.model = body_model(call.body)
         call.route = planner.route(call.method, call.path, call.model)
         planner.plan(call, timeout=request.headers.get(planner.timeout_header))
+        self._session(call, request.headers)
+
+    @staticmethod
+    def _session(call: Call, headers: Headers) -> None:
+        """Session affinity: the session the worker's session header names (the body's `user` is read at
+        dispatch, with the body)."""
+        routing = call.group.spec.routing  # type: ignore[union-attr]
+        if routing.affinity == "session":
+            call.session = headers.get(routing.session_header) or None
 
     async def take_body(self, request: Request, call: Call) -> None:
         """The admitted request's body (it has one), held when small enough to send again; a larger one is

@@ -25,7 +25,7 @@ class Call:
 
     __slots__ = ("rid", "t0", "method", "path", "level", "route", "group", "pool", "gpu_mb", "queue_limit",
                  "deadline", "body", "retry_ok", "max_attempts", "attempt", "queued_s", "hangs", "client",
-                 "worker_label", "model", "continue_sent", "peer")
+                 "worker_label", "model", "continue_sent", "peer", "session", "blocks", "affinity_read")
 
     def __init__(self, rid: str, t0: float, method: str, path: str, level: int):
         self.rid = rid
@@ -50,6 +50,9 @@ class Call:
         self.model: str | None = None
         self.continue_sent = False
         self.peer: str | None = None  # the client's address (who a 500 was for, without a fairness key)
+        self.session: str | None = None  # session affinity: its session header's value (else the body's user)
+        self.blocks: list[bytes] | None = None  # prefix affinity: the prompt's chain-hashed blocks
+        self.affinity_read = False  # the body was read for the above
 
 
 def body_model(body: bytes) -> str | None:

@@ -58,7 +58,7 @@ class Dispatcher:
             replica = None
             try:
                 now = time.monotonic()
-                replica = g.pick(now)
+                replica, decision = g.router.pick(g, call, now)
                 if replica is None or not replica.breaker.allow(now):
                     if not g.any_breaker_allows(now):
                         raise Rejected("circuit_open", f"worker {g.name} keeps failing; the circuit breaker is open",
@@ -68,6 +68,7 @@ class Dispatcher:
                     call.attempt -= 1
                     requeued = True
                     continue
+                self.metrics.observe_decision(g.name, decision)
                 return await attempt(Exchange(self.wire, call, replica, ticket))
             except WorkerDied as died:
                 if state.abandoned:

@@ -194,7 +194,8 @@ class Exchange(InFlight):
             names = conn.names
             self.oom = is_oom(conn.headers, names)
             self.status = conn.status
-            headers = response_headers(conn.headers, call, self.replica.degraded, names)
+            replica = self.replica
+            headers = response_headers(conn.headers, call, replica.degraded, names, replica.tag)
             first: list[bytes] = []
             buffer_bytes = self.wire.limits.buffer_bytes
             if not conn.complete and call.method != "HEAD" and sized(conn.content_length, buffer_bytes):

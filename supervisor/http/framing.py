@@ -29,7 +29,8 @@ RESPONSE_DROP = frozenset({
     b"transfer-encoding", b"upgrade", b"content-length", b"proxy-connection", b"date",
 })
 # the headers whose values are ours to set on every answer (a worker's own are dropped)
-OURS = frozenset({b"x-request-id", b"x-supervisor-queue-ms", b"x-supervisor-attempts", b"x-degraded"})
+OURS = frozenset({b"x-request-id", b"x-supervisor-queue-ms", b"x-supervisor-attempts", b"x-degraded",
+                  b"x-supervisor-replica"})
 NOT_PASSED_ON = RESPONSE_DROP | OURS
 STREAM_CHUNK = 1 << 16
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -128,14 +129,17 @@ async def stream_body(request: Request, conn: UpstreamConnection, limit: int) ->
 
 # -- the answer, to the client -----------------------------------------------------------------------
 def response_headers(raw: list[tuple[bytes, bytes]], call: Call, degraded: str | None,
-                     names: list[bytes] | None = None) -> list[tuple[bytes, bytes]]:
-    """The worker's end-to-end headers, with the request id, queue time, attempts and X-Degraded (ours
-    replace any the worker sent under those names). `names`: the header names lowercased, when known."""
+                     names: list[bytes] | None = None, replica: bytes = b"") -> list[tuple[bytes, bytes]]:
+    """The worker's end-to-end headers, with the request id, queue time, attempts, the replica that answered
+    ("<worker>/<index>") and X-Degraded (ours replace any the worker sent under those names). `names`: the
+    header names lowercased, when known."""
     if names is None:
         names = [k.lower() for k, _ in raw]
     h = [kv for lk, kv in zip(names, raw) if lk not in NOT_PASSED_ON]
     h += ((b"X-Request-ID", call.rid.encode()), (b"X-Supervisor-Queue-Ms", b"%.3f" % (call.queued_s * 1000)),
           (b"X-Supervisor-Attempts", b"%d" % call.attempt))
+    if replica:
+        h.append((b"X-Supervisor-Replica", replica))
     if degraded:
         h.append((b"X-Degraded", degraded.encode("latin-1")))
     return h

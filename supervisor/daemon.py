@@ -215,6 +215,7 @@ class Daemon:
         limits = ServerLimits(max_line_bytes=s.limits.max_header_bytes, max_field_bytes=s.limits.max_header_bytes,
                               header_timeout_s=s.limits.client_timeout_s,
                               keepalive_timeout_s=s.limits.client_timeout_s,
+                              send_timeout_s=s.limits.client_timeout_s,
                               max_body_bytes=MAX_BODY_UNCHECKED)
         servers: list[HttpServer] = []
         loop = asyncio.get_running_loop()

@@ -452,6 +452,40 @@ async def test_idle_kept_alive_connection_is_closed_after_keepalive_timeout():
         writer.close()
 
 
+async def _client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client with a small receive buffer: what it does not read stays in the server's buffers."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock)
+
+
+async def test_a_client_that_reads_nothing_is_dropped_and_one_that_reads_is_not():
+    big = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the kernel's socket buffers hold
+
+    async def answer_big(request: Request, responder: Responder) -> None:
+        await responder.send(200, [(b"Content-Type", b"application/octet-stream")], big)
+
+    async with serving(answer_big, keepalive_timeout_s=0.2, send_timeout_s=1.0) as (server, port):
+        reader, writer = await _client(port)
+        writer.write(req(b"GET /big HTTP/1.1", H))
+        # it reads nothing: the answer waits in the server's buffer until send_timeout_s without progress
+        await wait_until(lambda: server.open_connections == 0, 30, "the client that reads nothing dropped")
+        got = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(1 << 16):
+                got += chunk
+        assert len(got) < len(big)  # cut: it never had the whole answer
+        writer.close()
+
+        reader, writer = await _client(port)
+        writer.write(req(b"GET /big HTTP/1.1", H))
+        a = await read_answer(reader)  # reads as fast as its small buffer lets it: never dropped
+        assert a is not None and a.status == 200 and a.body == big
+        writer.close()
+
+
 async def test_keepalive_clock_restarts_with_each_answer():
     async with serving(echo, header_timeout_s=30, keepalive_timeout_s=0.4) as (_, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

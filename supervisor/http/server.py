@@ -219,6 +219,30 @@ class _Answering:
         when = self._deadline = self.loop.time() + self._idle_s
         if self._timer is None or when < self._timer_at:
             self._arm(when)
+        if self._transport.get_write_buffer_size():  # type: ignore[union-attr]
+            self._watch_send()
+
+    def _watch_send(self) -> None:
+        """Answer bytes wait in the transport for a client that is not reading: it must take some every
+        send_timeout_s, else the connection is aborted (nginx's send_timeout). A closing connection flushes
+        with no deadline of its own, so this is what bounds what a client that reads nothing holds."""
+        t = self._transport
+        if self._send_watch is None and t is not None:
+            left = t.get_write_buffer_size()
+            if left:
+                self._send_watch = self.loop.call_later(self._send_s, self._check_send, left)
+
+    def _check_send(self, before: int) -> None:
+        self._send_watch = None
+        t = self._transport
+        if t is None or self._lost:
+            return
+        left = t.get_write_buffer_size()
+        if left >= before:  # nothing taken for send_timeout_s
+            log.info("client_not_reading", remote=self._remote, unsent_bytes=left, send_timeout_s=self._send_s)
+            self.abort()
+        elif left:
+            self._send_watch = self.loop.call_later(self._send_s, self._check_send, left)
 
     def _advance(self) -> None:
         """Pop the finished answers at the head of the queue (writing those held), then let the next one go."""
@@ -244,6 +268,7 @@ class _Answering:
                 self._resume(_BODY)
             if not r._keep:
                 self._end(r)
+                self._watch_send()
                 return
         if self._paused & _PIPELINE and len(q) < self._lim_pipe:
             self._resume(_PIPELINE)
@@ -256,6 +281,7 @@ class _Answering:
             else:
                 self._idle = True
                 self._arm(self.loop.time() + self._idle_s)
+            self._watch_send()
 
     def _final(self, data: bytes) -> None:
         """The HTTP layer's own last answer on this connection (b"": none), after the answers before it."""
@@ -309,6 +335,7 @@ class _Answering:
             self._discard = True
             if self._transport is not None:
                 self._transport.close()
+                self._watch_send()
 
     def abort(self) -> None:
         self.closed = True
@@ -368,7 +395,8 @@ class HttpConnection(_Answering, asyncio.Protocol):
         "_lim_line", "_lim_url", "_lim_field", "_lim_headers", "_lim_body", "_lim_buf", "_lim_pipe", "_head_s",
         "_idle_s", "_url", "_headers", "_host", "_te", "_cl", "_expect", "_trailers", "_in_head", "_fresh",
         "_partial", "_line_buf", "_chunk", "_scan", "_receiving", "_eof_wanted", "_discard", "_paused", "_pauser",
-        "_write_paused", "_drain_waiter", "_deadline", "_timer", "_timer_at", "_idle",
+        "_write_paused", "_drain_waiter", "_deadline", "_timer", "_timer_at", "_idle", "_send_s", "_send_watch",
+        "_lost",
     )
 
     def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop):
@@ -394,6 +422,9 @@ class HttpConnection(_Answering, asyncio.Protocol):
         self._lim_pipe = lim.max_pipelined
         self._head_s = lim.header_timeout_s
         self._idle_s = lim.keepalive_timeout_s
+        self._send_s = lim.send_timeout_s
+        self._send_watch: asyncio.TimerHandle | None = None  # see _watch_send
+        self._lost = False  # connection_lost came
         # the head being parsed
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -485,12 +516,16 @@ class HttpConnection(_Answering, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._lost = True
         self._discard = True
         self._deadline = None
         h = self._timer
         if h is not None:
             h.cancel()
             self._timer = None
+        if self._send_watch is not None:
+            self._send_watch.cancel()
+            self._send_watch = None
         for r in self.queue:
             t = r._task
             if t is not None and not r._finished and not t.done():

@@ -36,6 +36,7 @@ class ServerLimits:
     read_buffer_bytes: int = 1 << 16  # unread body past this pauses reading; half of it resumes
     max_pipelined: int = 16  # requests parsed but not yet answered on one connection; more pauses reading
     linger_s: float = 5.0  # after a final answer sent while the client may still be sending: discard, then close
+    send_timeout_s: float = 60.0  # an answer's bytes the client takes none of for this long: connection aborted
 
     def __post_init__(self) -> None:
         for name in ("max_line_bytes", "max_field_bytes"):
@@ -46,7 +47,7 @@ class ServerLimits:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_body_bytes < 0:
             raise ValueError(f"max_body_bytes must not be negative, got {self.max_body_bytes}")
-        for name in ("header_timeout_s", "keepalive_timeout_s", "linger_s"):
+        for name in ("header_timeout_s", "keepalive_timeout_s", "linger_s", "send_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

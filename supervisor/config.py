@@ -562,7 +562,8 @@ class Limits(_Model):
     max_body_bytes: PosInt = 16 * 1024 * 1024
     """Larger request bodies: 413 payload_too_large."""
     client_timeout_s: PosFloat = 60.0
-    """Idle keep-alive client connections are closed after this; a request head must arrive within it."""
+    """Idle keep-alive client connections are closed after this; a request head must arrive within it; a
+    client that takes none of an answer's bytes this long is dropped."""
     max_header_bytes: PosInt = 8190
     """Request line / header field size; a longer request line: 414, a longer header field: 431."""
     buffer_bytes: NonNegInt = 4 * 1024 * 1024       # a worker answer up to this is held in memory ...

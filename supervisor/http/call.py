@@ -163,6 +163,10 @@ class CallPlanner:
         call.route = self.route(call.method, path, call.model)
         left = None if req.deadline_at is None else req.deadline_at - wall_now
         self.plan(call, left=left, pinned=req.worker, retry_ok=req.retry_safe)
+        routing = call.group.spec.routing  # type: ignore[union-attr]
+        if routing.affinity == "session":  # the stored request's session header (else its body's user)
+            name = routing.session_header.lower()
+            call.session = next((v for k, v in req.headers if k.lower() == name and v), None)
         return call
 
     def _place(self, call: Call, pinned: str | None) -> None:

@@ -131,3 +131,12 @@ def test_engine_load_counts_and_a_full_kv_cache_is_avoided():
                                     ("chat", 3): EngineReading(waiting=3, running=1, kv_usage=0.2, at=0.0)})
     r, why = g.router.pick(g, call(g), 0.0)
     assert (r.index, why) == (1, LEAST_LOADED)  # 0 waits 5 in its engine, 2 is full, 3 waits 3
+
+
+def test_a_replica_that_can_take_it_is_always_found_even_when_every_one_is_full():
+    # the queue granted a slot, so a replica must be found: None would send the call back to the queue
+    g = group("session", replicas=2, concurrency=1)
+    for r in g.replicas:
+        busy(r, 1)
+    r, why = g.router.pick(g, call(g, "s"), 0.0)
+    assert r is not None and why == SESSION

@@ -68,11 +68,13 @@ class GroupRouter:
             if not cands:
                 return None, LEAST_LOADED
             return cands[choose_least([Candidate(r.name, r.inflight) for r in cands], self._rr)], LEAST_LOADED
-        slots = g.concurrency
-        # a replica full of its own requests is no candidate (the group's slots are shared by all)
-        reps = [r for r in reps if r.can_take(now) and r.inflight < slots]
+        reps = [r for r in reps if r.can_take(now)]
         if not reps:
             return None, LEAST_LOADED
+        # a replica full of its own requests is no candidate while another has a free slot (the group's
+        # slots are shared by all its replicas)
+        slots = g.concurrency
+        reps = [r for r in reps if r.inflight < slots] or reps
         readings = [self._reading(r, now) for r in reps]
         loads = [r.inflight + ((rd.waiting or 0.0) if rd is not None else 0.0) for r, rd in zip(reps, readings)]
         if routing.affinity != "none":

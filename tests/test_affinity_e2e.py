@@ -107,3 +107,31 @@ async def test_prefix_affinity_lands_turns_where_their_prefix_is_cached(supervis
     assert all(0.0 <= r["engine"]["kv_usage"] <= 1.0 for r in reps)
     metrics = await (await sp.session.get("/metrics")).text()
     assert 'decision="prefix_hit",worker="chat"' in metrics
+
+
+async def test_an_engine_without_metrics_is_served_and_affinity_changes_on_reload(supervisor_factory):
+    # the scrapes of an engine that has no such metrics fail: logged once per replica, never a reason not
+    # to serve; a reload turns session affinity on with no replica restarted
+    cfg = affinity_config("none", replicas=2, load_signals={"preset": "vllm", "path": "/no-metrics-here",
+                                                             "interval_s": 0.2})
+    sp = await supervisor_factory(cfg)
+    await wait_until(lambda: serving(sp, 2), 20, "2 replicas serving")
+    await sp.wait_log("load_signals_failed", timeout=10, count=2)
+    pids = [r["pid"] for r in (await sp.status())["workers"]["chat"]["replicas"]]
+    seen = set()
+    for i in range(8):
+        status, replica, _ = await ask(sp, conversation(i, 0), "same-session")
+        assert status == 200
+        seen.add(replica)
+    assert len(seen) == 2  # least in flight, one request at a time: round robin over both
+    cfg["workers"]["chat"]["routing"] = {"affinity": "session"}
+    sp.write_config(cfg)
+    sp.signal(signal.SIGHUP)
+    await sp.wait_log("config_reloaded", timeout=10)
+    homes = {(await ask(sp, conversation(i, 0), "same-session"))[1] for i in range(8)}
+    assert len(homes) == 1  # one session, one replica
+    st = await sp.status()
+    assert st["workers"]["chat"]["routing"] == "session"
+    assert [r["pid"] for r in st["workers"]["chat"]["replicas"]] == pids  # no restart for a routing change
+    assert all(r["engine"] is None for r in st["workers"]["chat"]["replicas"])
+    assert len(sp.events("load_signals_failed")) == 2  # once per replica, not once per scrape

@@ -67,14 +67,11 @@ class RequestPath:
 
     # -- a request -------------------------------------------------------------------------------
     async def handle(self, request: Request, responder: Responder) -> int:
-        """Answer one request exactly once (through `responder`); its status, as counted. One coroutine from
-        arrival to answer, with the dispatcher's and the exchange's below it: every frame of the chain is
-        resumed on each wake-up, so the path has no other."""
+        """Answer one request exactly once (through `responder`); its status, as counted."""
         t0 = time.monotonic()
         run = self.run
         run.active += 1
-        headers = request.headers
-        rid = headers.get("X-Request-ID")
+        rid = request.headers.get("X-Request-ID")
         call = Call(rid or "", t0, request.method, request.path, self.planner.default_level)
         admission = self.admission
         try:
@@ -88,21 +85,7 @@ class RequestPath:
                 if admission.asks_models(call):
                     status = await send_parts(responder, *admission.models(call))
                 else:
-                    if admission.route(request, call):
-                        await admission.route_by_body(request, call)  # the body's `model` picks the worker
-                    if run.jobs is not None and headers.get("Prefer") is not None \
-                            and wants_async(headers.getall("Prefer")):
-                        status = await send_web(responder, await admission.submit_job(request, call))
-                    else:
-                        admission.admit(call)
-                        if request.expect_continue and not call.continue_sent:
-                            await send_continue(request, call)
-                        if call.body is None:
-                            if request.body_exists:
-                                await admission.take_body(request, call)
-                            else:
-                                call.body = b""
-                        status = await self.dispatcher.dispatch(call, lambda ex: ex.answer(request, responder))
+                    status = await self._serve(request, responder, call)
             except Rejected as r:
                 parts = admission.reject(r, call.rid)
                 if responder.started:  # (an answer under way cannot become an error any more: cut it)
@@ -122,6 +105,24 @@ class RequestPath:
             return status
         finally:
             run.request_done()
+
+    async def _serve(self, request: Request, responder: Responder, call: Call) -> int:
+        """Route, admit, take the body (what does not need to wait is done without awaiting), dispatch."""
+        admission = self.admission
+        if admission.route(request, call):
+            await admission.route_by_body(request, call)  # the body's `model` picks the worker
+        headers = request.headers
+        if self.run.jobs is not None and headers.get("Prefer") is not None and wants_async(headers.getall("Prefer")):
+            return await send_web(responder, await admission.submit_job(request, call))
+        admission.admit(call)
+        if request.expect_continue and not call.continue_sent:
+            await send_continue(request, call)
+        if call.body is None:
+            if request.body_exists:
+                await admission.take_body(request, call)
+            else:
+                call.body = b""
+        return await self.dispatcher.dispatch(call, lambda ex: ex.answer(request, responder))
 
     def _observe(self, call: Call, code: int) -> None:
         level = call.level if call.level >= 0 else self.planner.default_level

@@ -234,9 +234,8 @@ class _Answering:
 
     def _check_send(self, before: int) -> None:
         self._send_watch = None
-        t = self._transport
-        if t is None or self._lost:
-            return
+        t = self._transport  # (connection_lost cancels this check: the transport is live)
+        assert t is not None
         left = t.get_write_buffer_size()
         if left >= before:  # nothing taken for send_timeout_s
             log.info("client_not_reading", remote=self._remote, unsent_bytes=left, send_timeout_s=self._send_s)
@@ -396,7 +395,6 @@ class HttpConnection(_Answering, asyncio.Protocol):
         "_idle_s", "_url", "_headers", "_host", "_te", "_cl", "_expect", "_trailers", "_in_head", "_fresh",
         "_partial", "_line_buf", "_chunk", "_scan", "_receiving", "_eof_wanted", "_discard", "_paused", "_pauser",
         "_write_paused", "_drain_waiter", "_deadline", "_timer", "_timer_at", "_idle", "_send_s", "_send_watch",
-        "_lost",
     )
 
     def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop):
@@ -424,7 +422,6 @@ class HttpConnection(_Answering, asyncio.Protocol):
         self._idle_s = lim.keepalive_timeout_s
         self._send_s = lim.send_timeout_s
         self._send_watch: asyncio.TimerHandle | None = None  # see _watch_send
-        self._lost = False  # connection_lost came
         # the head being parsed
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -516,7 +513,6 @@ class HttpConnection(_Answering, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._lost = True
         self._discard = True
         self._deadline = None
         h = self._timer

@@ -31,7 +31,7 @@ from .affinity import (
 from .signals import EngineReading, SignalScraper, signal_names
 
 if TYPE_CHECKING:
-    from ..config import LoadSignals, Routing
+    from ..config import LoadSignals
     from ..fleet import Fleet, Replica, WorkerGroup
     from ..http.call import Call
     from ..upstream import UpstreamPool
@@ -50,8 +50,6 @@ class GroupRouter:
         self.scraper: SignalScraper | None = None
         # replica index -> (its process generation, the bound, its index)
         self._indexes: dict[int, tuple[int, int, PrefixIndex]] = {}
-        self._routing: Routing | None = None
-        self._rule = PrefixRule()
         self._rr = 0
 
     def pick(self, g: WorkerGroup, call: Call, now: float) -> tuple[Replica | None, str]:
@@ -63,42 +61,32 @@ class GroupRouter:
         if len(reps) == 1:
             r = reps[0]
             return (r if r.can_take(now) else None), LEAST_LOADED
-        if routing.affinity == "none" and self.scraper is None:
-            cands = [r for r in reps if r.can_take(now)]
-            if not cands:
-                return None, LEAST_LOADED
-            return cands[choose_least([Candidate(r.name, r.inflight) for r in cands], self._rr)], LEAST_LOADED
         reps = [r for r in reps if r.can_take(now)]
         if not reps:
             return None, LEAST_LOADED
         # a replica full of its own requests is no candidate while another has a free slot (the group's
         # slots are shared by all its replicas)
-        slots = g.concurrency
-        reps = [r for r in reps if r.inflight < slots] or reps
+        reps = [r for r in reps if r.inflight < g.concurrency] or reps
         readings = [self._reading(r, now) for r in reps]
         loads = [r.inflight + ((rd.waiting or 0.0) if rd is not None else 0.0) for r, rd in zip(reps, readings)]
+        full = [rd is not None and rd.kv_usage is not None and rd.kv_usage > KV_FULL for rd in readings]
         if routing.affinity != "none":
             self._read_body(call, routing.affinity)
         if routing.affinity == "session" and call.session is not None:
             cands = [Candidate(r.name, load) for r, load in zip(reps, loads)]
             return reps[choose_session(call.session, cands)], SESSION
         if routing.affinity == "prefix" and call.blocks is not None:
-            if routing is not self._routing:
-                self._routing = routing
-                p = routing.prefix
-                self._rule = PrefixRule(min_match=p.min_match, balance_abs=p.balance_abs, balance_rel=p.balance_rel)
-            indexes = [self._index(r, routing.prefix.max_bytes) for r in reps]
+            p = routing.prefix
+            indexes = [self._index(r, p.max_bytes) for r in reps]
             blocks = call.blocks
-            cands = [Candidate(r.name, load, ix.match(blocks), ix.size_bytes,
-                               rd is not None and rd.kv_usage is not None and rd.kv_usage > KV_FULL)
-                     for r, load, ix, rd in zip(reps, loads, indexes, readings)]
+            cands = [Candidate(r.name, load, ix.match(blocks), ix.size_bytes, f)
+                     for r, load, ix, f in zip(reps, loads, indexes, full)]
             keep = avoid_full(cands)
-            i, decision = choose_prefix([cands[k] for k in keep], len(blocks), self._rule, self._rr)
-            chosen = keep[i]
-            indexes[chosen].insert(blocks)
-            return reps[chosen], decision
-        cands = [Candidate(r.name, load, kv_full=rd is not None and rd.kv_usage is not None and rd.kv_usage > KV_FULL)
-                 for r, load, rd in zip(reps, loads, readings)]
+            rule = PrefixRule(min_match=p.min_match, balance_abs=p.balance_abs, balance_rel=p.balance_rel)
+            i, decision = choose_prefix([cands[k] for k in keep], len(blocks), rule, self._rr)
+            indexes[keep[i]].insert(blocks)
+            return reps[keep[i]], decision
+        cands = [Candidate(r.name, load, kv_full=f) for r, load, f in zip(reps, loads, full)]
         keep = avoid_full(cands)
         return reps[keep[choose_least([cands[k] for k in keep], self._rr)]], LEAST_LOADED
 

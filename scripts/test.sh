@@ -10,6 +10,11 @@ command -v systemd-analyze >/dev/null || need+=(systemd)      # systemd-analyze 
 command -v redis-server >/dev/null || need+=(redis-server)    # the job store across hosts
 command -v chromium >/dev/null || need+=(chromium)            # the /ui page, rendered for real
 command -v setpriv >/dev/null || need+=(util-linux)           # the worker dies with its daemon
+# the container image, built and run for real (tests/test_container.py): rootful podman on runc (crun fails
+# in some VMs), mmdebstrap for a local Debian base image (no registry needed)
+command -v podman >/dev/null || need+=(podman runc)
+command -v runc >/dev/null || need+=(runc)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq

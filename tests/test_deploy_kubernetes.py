@@ -151,7 +151,7 @@ def container(deployment) -> dict:
 @pytest.fixture(scope="module")
 def policy_text(docs, deployment, container) -> str:
     """The policy file the container reads, taken from the ConfigMap mounted at the --config path."""
-    config_path = Path(container["command"][container["command"].index("--config") + 1])
+    config_path = Path(container["args"][container["args"].index("--config") + 1])
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     for mount in container["volumeMounts"]:
         vol = volumes[mount["name"]]
@@ -308,8 +308,9 @@ def test_a_broken_policy_would_be_caught(policy_text):
 
 
 def test_container_runs_the_daemon_with_the_mounted_policy(container, policy_text):
-    assert container["command"] == ["gpu-supervisor", "run", "--config", "/etc/gpu-supervisor/policy.yaml"]
-    assert "args" not in container
+    assert container["args"] == ["gpu-supervisor", "run", "--config", "/etc/gpu-supervisor/policy.yaml"]
+    # args, not command: the image's entrypoint (tini, PID 1: forwards signals, reaps orphans) stays
+    assert "command" not in container
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/gpu-supervisor")
     assert mount.get("readOnly") is True
     assert "subPath" not in mount, "a subPath mount never sees ConfigMap updates, so SIGHUP would reload nothing"

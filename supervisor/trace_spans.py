@@ -2,10 +2,11 @@
 OpenTelemetry tracer provider whose batch processor exports over OTLP/HTTP on its own thread, each failed
 export counted. Imported only when tracing is on (it loads the OpenTelemetry SDK).
 
-A request's trace: `request` (server) continues a client's traceparent; under it `queue.wait` and one
-`attempt` (client) per try, whose context is the traceparent the worker gets; `job.submit` when it
-submits a job. A job's delivery is `job.run`, the root of a trace of its own, linked to the context stored
-with the job (its `job.submit` span): a job may run long after, and more than once.
+A request's trace: `request` (server) continues a client's traceparent; under it `queue.wait` when it
+waited for a slot (a slot free at once costs no span), one `attempt` (client) per try, whose context is the
+traceparent the worker gets, and `job.submit` when it submits a job. A job's delivery is `job.run`, the
+root of a trace of its own, linked to the context stored with the job (its `job.submit` span): a job may
+run long after, and more than once.
 """
 
 from __future__ import annotations

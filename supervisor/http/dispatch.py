@@ -53,13 +53,13 @@ class Dispatcher:
                 raise state.shutting_down()
             call.attempt += 1
             trace = call.trace
-            if trace is not None:
-                trace.wait_begins(call, self.planner.level_names[call.level])
             ticket = self.ask_slot(call, call.attempt > 1 or requeued)
             if ticket.state != GRANTED:
+                if trace is not None:
+                    trace.wait_begins(call, self.planner.level_names[call.level])
                 ticket = await self.wait_slot(call, ticket)
-            if trace is not None:
-                trace.wait_ends()
+                if trace is not None:
+                    trace.wait_ends()
             replica = None
             try:
                 now = time.monotonic()

@@ -11,9 +11,12 @@ keep-alive, and so does the bare aiohttp proxy (the baseline). wrk drives each i
   port. LiteLLM is the `litellm` of `--litellm PATH`, else of PATH, else of the repo's .venv-bench/;
   without one its column is skipped.
 
+With `--tracing`, the daemon traces every request (`tracing.sample_ratio: 1`) to a local OTLP/HTTP sink
+(bench/otlp_sink.py), whose counts are printed and saved with the results.
+
 Prints a table per scenario and the ratios, and writes bench/results/proxy-<upstream>.json.
 
-    python bench/bench_proxy.py [--duration 10] [--connections 32] [--scenario get|openai|both]
+    python bench/bench_proxy.py [--duration 10] [--connections 32] [--scenario get|openai|both] [--tracing]
 """
 
 from __future__ import annotations
@@ -201,6 +204,8 @@ def main() -> int:
     ap.add_argument("--litellm", metavar="PATH", default=None,
                     help="the `litellm` console script of a venv with litellm[proxy] "
                          "(default: `litellm` on PATH, else .venv-bench/bin/litellm)")
+    ap.add_argument("--tracing", action="store_true",
+                    help="trace every request to a local OTLP/HTTP sink (bench/otlp_sink.py)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.out = args.out or str(HERE / "results" / f"proxy-{args.upstream}.json")
@@ -231,9 +236,16 @@ def main() -> int:
         "queue": {"concurrency": 256, "max_size": 10000},
         "logging": {"format": "json", "level": "warning"},
     }
-    (tmp / "policy.yaml").write_text(json.dumps(policy))
     procs: list[subprocess.Popen] = []
+    sink_port = free_port()
+    if args.tracing:
+        policy["tracing"] = {"endpoint": f"http://127.0.0.1:{sink_port}/v1/traces", "sample_ratio": 1.0}
+    (tmp / "policy.yaml").write_text(json.dumps(policy))
     try:
+        if args.tracing:
+            procs.append(subprocess.Popen([PY, str(HERE / "otlp_sink.py"), "--port", str(sink_port)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_http(f"http://127.0.0.1:{sink_port}/stats")
         sup = subprocess.Popen([PY, "-m", "supervisor", "run", "--config", str(tmp / "policy.yaml")], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=open(tmp / "supervisor.log", "w"))
         procs.append(sup)
@@ -300,6 +312,14 @@ def main() -> int:
                 print("against LiteLLM: no column (skipped, see the first line)")
             res["scenarios"]["openai"] = {"request": f"POST {CHAT_PATH}", "body": CHAT_BODY, "results": results,
                                           "ratios": ratios, "litellm": litellm_info}
+        if args.tracing:
+            with urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/stats", timeout=5) as r:
+                res["trace_sink"] = json.loads(r.read())
+            with urllib.request.urlopen(f"http://127.0.0.1:{sup_port}/metrics", timeout=5) as r:
+                res["trace_export_errors"] = sum(
+                    float(line.split()[-1]) for line in r.read().decode().splitlines()
+                    if line.startswith("gpu_supervisor_trace_export_errors_total "))
+            print(f"tracing: {res['trace_sink']} at the sink, {res['trace_export_errors']:g} failed exports")
         out = save_results(res, Path(args.out))
         print(f"wrote {out}")
         return 0

@@ -28,6 +28,7 @@ from .routing.router import SignalScrapers
 from .runstate import RunState
 from .states import SERVING_STATES, UNLOAD_EXITS, BreakerState, WorkerState
 from .status_view import metrics_state, render_status
+from .tracing import Tracing
 
 log = structlog.get_logger("supervisor.app")
 
@@ -63,6 +64,7 @@ class Supervisor:
         self.path = RequestPath(self.settings, self.fleet, self.metrics, self.pressure, self.run)
         self.scrapers = SignalScrapers(self.fleet)  # engines' own load, for workers that ask
         self.metrics.attach_state(self._metrics_state)
+        self.tracing = Tracing(self._use_tracer, self.metrics.trace_export_errors.inc)
 
     @property
     def watcher(self):
@@ -98,6 +100,10 @@ class Supervisor:
         await self.pressure.aclose()
         await self.scrapers.aclose()
         await self.fleet.aclose()
+        await self.tracing.aclose()  # last: the spans of what the above ended are sent (within a bound)
+
+    def _use_tracer(self, tracer) -> None:
+        self.path.tracer = tracer
 
     def apply(self, loaded: LoadedConfig) -> ReloadSummary:
         """Take a new, valid configuration at once; changed workers are replaced one replica at a time."""
@@ -110,6 +116,7 @@ class Supervisor:
         self.run.drain_timeout_s = self.settings.drain.timeout_s
         self.path.derive(self.settings)
         self.pressure.reconfigure(self.settings)
+        self.tracing.apply(self.settings.tracing)
         self.scrapers.sync()
         self.room.changed()
         return done

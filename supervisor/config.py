@@ -597,6 +597,32 @@ class Logging(_Model):
     """One line per request (costs throughput)."""
 
 
+class Tracing(_Model):
+    endpoint: str | None = None
+    """OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces (null: tracing off)."""
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """Share of requests traced when the client sent no sampled traceparent (0..1)."""
+    service_name: str = "gpu-supervisor"
+    """The spans' service.name."""
+    headers: dict[str, str] = {}
+    """Sent with every export (e.g. an Authorization header for a hosted collector)."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL (the collector's OTLP/HTTP traces endpoint)")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not _HEADER_TOKEN.fullmatch(k)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not an HTTP header name")
+        return v
+
+
 class Settings(_Model):
     listen: Listen = Listen()
     """Where clients connect."""
@@ -634,6 +660,8 @@ class Settings(_Model):
     """Log format and level."""
     jobs: JobsSettings = JobsSettings()
     """Async jobs (Prefer: respond-async) and their store."""
+    tracing: Tracing = Tracing()
+    """OpenTelemetry traces over OTLP/HTTP (off unless `endpoint` is set)."""
 
     @model_validator(mode="before")
     @classmethod

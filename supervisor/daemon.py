@@ -223,6 +223,7 @@ class Daemon:
         fleet_started = False
         try:
             await guard.start()  # if we are killed, it stops our workers' trees at once
+            await sup.tracing.start(s.tracing)
             for handler, listen in ((main_handler, s.listen),) + (((admin_handler, s.admin.listen),)
                                                                    if split_admin else ()):
                 server = HttpServer(handler, limits, on_error=self._http_error)

@@ -56,6 +56,8 @@ class Metrics:
                                   "a stalled loop delays every request.",
                                   buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
                                   registry=r)
+        self.trace_export_errors = Counter(P + "trace_export_errors", "Span exports that failed (the collector "
+                                           "down or refusing them); their spans are dropped.", registry=r)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for kind in PROTOCOL_ERROR_KINDS:

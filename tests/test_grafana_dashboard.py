@@ -9,6 +9,7 @@ import copy
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -22,13 +23,17 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.cog.runtime import UnknownDataquery
 from grafana_foundation_sdk.models import dashboard as gdash
+from grafana_foundation_sdk.models import loki as gloki
 from grafana_foundation_sdk.models import prometheus as gprom
 
 from tests.harness import REPO_ROOT, fast_config, wait_until
+from tests.otlp_receiver import OtlpReceiver
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "gpu-supervisor.json"
 SCALED_OBJECT = REPO_ROOT / "deploy" / "kubernetes" / "scaledobject.yaml"
+DATASOURCES = REPO_ROOT / "deploy" / "grafana" / "datasources.yaml"
 DATASOURCE_UID = "${datasource}"
+LOGS_UID = "${logs}"
 RATE_WINDOW = "30s"
 
 # The metric families of the contract (DESIGN "Metrics", "Fleet", "Async jobs"), as Prometheus names them.
@@ -39,7 +44,7 @@ DOCUMENTED_METRICS = {
     "breaker_state", "breaker_transitions_total", "gpu_memory_used_bytes", "gpu_memory_total_bytes",
     "gpu_memory_reserved_bytes", "gpu_utilization_ratio", "pressure_level", "pressure_actions_total",
     "degraded", "config_reloads_total", "config_generation", "event_loop_lag_seconds", "jobs_total",
-    "jobs_pending", "jobs_store_errors_total",
+    "jobs_pending", "jobs_store_errors_total", "trace_export_errors_total",
 }
 # What the issue asks the dashboard to show.
 REQUIRED_METRICS = {
@@ -82,7 +87,20 @@ STRUCTURE_SCHEMA: dict[str, Any] = {
             },
             "if": {"properties": {"type": {"const": "row"}}},
             "then": {"required": ["collapsed", "panels"]},
-            "else": {
+            "else": {"if": {"properties": {"type": {"const": "logs"}}}, "then": {
+                # the access log from Loki: its trace ids link to traces (the Loki source's derived field)
+                "required": ["datasource", "targets", "options"],
+                "properties": {
+                    "datasource": {"const": {"type": "loki", "uid": LOGS_UID}},
+                    "targets": {"type": "array", "minItems": 1, "items": {
+                        "type": "object",
+                        "required": ["expr", "refId", "datasource"],
+                        "properties": {"expr": {"type": "string", "pattern": "trace_id"},
+                                       "datasource": {"const": {"type": "loki", "uid": LOGS_UID}}},
+                    }},
+                    "options": {"type": "object", "properties": {"enableLogDetails": {"const": True}}},
+                },
+            }, "else": {
                 "required": ["datasource", "targets", "fieldConfig", "options"],
                 "properties": {
                     "datasource": {"const": {"type": "prometheus", "uid": DATASOURCE_UID}},
@@ -94,7 +112,7 @@ STRUCTURE_SCHEMA: dict[str, Any] = {
                                        "datasource": {"const": {"type": "prometheus", "uid": DATASOURCE_UID}}},
                     }},
                 },
-            },
+            }},
         }},
         "templating": {"type": "object", "required": ["list"], "properties": {"list": {
             "type": "array",
@@ -120,8 +138,9 @@ def panels(d: dict) -> list[dict]:
     return out
 
 
-def targets(d: dict) -> list[tuple[str, dict]]:
-    return [(p["title"], t) for p in panels(d) for t in p.get("targets", [])]
+def targets(d: dict, kind: str = "prometheus") -> list[tuple[str, dict]]:
+    """(panel title, target) of every query to a data source of this `kind`."""
+    return [(p["title"], t) for p in panels(d) for t in p.get("targets", []) if t["datasource"]["type"] == kind]
 
 
 def concrete(expr: str) -> str:
@@ -180,7 +199,8 @@ def test_dashboard_loads_into_the_grafana_sdk_models_unchanged(dash):
     for p in flat:
         assert p.targets, p.title
         for t in p.targets:
-            assert isinstance(t, gprom.Dataquery) and not isinstance(t, UnknownDataquery), p.title
+            kind = gloki.Dataquery if p.type_val == "logs" else gprom.Dataquery
+            assert isinstance(t, kind) and not isinstance(t, UnknownDataquery), p.title
         assert type(p.options).__module__ != "builtins", f"{p.title}: panel type {p.type_val} unknown to the SDK"
 
 
@@ -211,7 +231,7 @@ def test_dashboard_structure(dash):
             assert v.get("includeAll") and v.get("allValue") == ".*", \
                 f"${name}: 'All' must be .* so series without that label (a single-worker daemon) still match"
     # every variable a query uses is defined
-    for title, t in targets(dash):
+    for title, t in targets(dash) + targets(dash, "loki"):
         for used in re.findall(r"\$\{?([A-Za-z_]\w*)\}?", t["expr"]):
             assert used.startswith("__") or used in variables, f"{title}: ${used} is not a dashboard variable"
 
@@ -417,3 +437,42 @@ async def test_daemon_metrics_pass_promtool(supervisor_factory):
     assert "gpu_supervisor_requests_total" in text
     res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, f"promtool check metrics: {res.stdout}{res.stderr}"
+
+
+# --- logs: a trace id in an access log line links to its trace
+
+
+def test_an_access_log_lines_trace_id_links_to_its_trace(dash):
+    sources = {s["uid"]: s for s in yaml.safe_load(DATASOURCES.read_text())["datasources"]}
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert sources["prometheus"]["type"] == variables["datasource"]["query"] == "prometheus"
+    assert sources["loki"]["type"] == variables["logs"]["query"] == "loki"
+    (derived,) = sources["loki"]["jsonData"]["derivedFields"]
+    # the link goes to a trace store by the trace id the regex captures (`$$`: a literal `$` in provisioning)
+    assert sources[derived["datasourceUid"]]["type"] in ("jaeger", "tempo")
+    assert derived["url"] == "$${__value.raw}" and re.compile(derived["matcherRegex"]).groups == 1
+    (panel,) = [p for p in panels(dash) if p["type"] == "logs"]
+    assert panel["datasource"]["uid"] == "${logs}" and panel["options"]["enableLogDetails"]
+    assert 'event="request"' in panel["targets"][0]["expr"]
+
+
+async def test_the_derived_field_finds_the_trace_id_in_the_daemons_real_access_log(supervisor_factory):
+    derived = yaml.safe_load(DATASOURCES.read_text())["datasources"][1]["jsonData"]["derivedFields"][0]
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with OtlpReceiver() as rx:
+        sp = await supervisor_factory(fast_config(tracing={"endpoint": rx.endpoint},
+                                                  logging={"format": "json", "level": "info", "access": True}))
+        async with sp.session.get("/hello", headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}) as r:
+            assert r.status == 200
+        await sp.wait_log("request", path="/hello")
+        lines = [ln for ln in sp.raw_lines if '"event": "request"' in ln and "/hello" in ln]
+        assert [m.group(1) for ln in lines if (m := re.search(derived["matcherRegex"], ln))] == [trace_id]
+        # tracing off: no trace_id field, nothing to link
+        sp.config.pop("tracing")
+        sp.write_config(sp.config)
+        sp.signal(signal.SIGHUP)
+        await sp.wait_log("tracing", endpoint=None)
+        async with sp.session.get("/hello?off", headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}) as r:
+            assert r.status == 200
+        off = await sp.wait_log("request", path="/hello", count=2)
+        assert "trace_id" not in off

@@ -166,14 +166,17 @@ class Admission:
             timeout_s = route.timeout_s
         terms = JobTerms(priority=self.planner.level_names[call.level], timeout_s=timeout_s,
                          retry_safe=call.retry_ok, worker=call.worker_label, fairness_key=call.client)
-        req = job_request(call.method, request.raw_path, request.headers.items(), call.body, now=jobs.now(),
-                          terms=terms)
+        trace = call.trace
+        headers = request.headers.items() if trace is None else trace.submitting(request.headers.items())
+        req = job_request(call.method, request.raw_path, headers, call.body, now=jobs.now(), terms=terms)
         try:
             job, _ = await jobs.submit(req)
         except JOB_SUBMIT_ERRORS as exc:
             if isinstance(exc, StoreUnavailable):
                 self.metrics.rejected.labels("jobs_unavailable").inc()
             return submit_error_response(exc, call.rid)
+        if trace is not None:
+            trace.submitted(job.id)
         return submit_response(job, jobs.now(), call.rid)
 
     # -- GET /v1/models --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..config import Route, Settings
     from ..fleet import Fleet, WorkerGroup
     from ..jobs.model import JobRequest
+    from ..trace_spans import Trace
 
 NO_WORKER = "none"  # the worker label of a request refused before it had one
 
@@ -25,7 +26,7 @@ class Call:
 
     __slots__ = ("rid", "t0", "method", "path", "level", "route", "group", "pool", "gpu_mb", "queue_limit",
                  "deadline", "body", "retry_ok", "max_attempts", "attempt", "queued_s", "hangs", "client",
-                 "worker_label", "model", "continue_sent", "peer", "session", "blocks", "affinity_read")
+                 "worker_label", "model", "continue_sent", "peer", "session", "blocks", "affinity_read", "trace")
 
     def __init__(self, rid: str, t0: float, method: str, path: str, level: int):
         self.rid = rid
@@ -53,6 +54,7 @@ class Call:
         self.session: str | None = None  # session affinity: its session header's value (else the body's user)
         self.blocks: list[bytes] | None = None  # prefix affinity: the prompt's chain-hashed blocks
         self.affinity_read = False  # the body was read for the above
+        self.trace: Trace | None = None  # its spans, when tracing is on
 
 
 def body_model(body: bytes) -> str | None:

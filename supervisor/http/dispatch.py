@@ -52,9 +52,14 @@ class Dispatcher:
             if state.abandoned:
                 raise state.shutting_down()
             call.attempt += 1
+            trace = call.trace
             ticket = self.ask_slot(call, call.attempt > 1 or requeued)
             if ticket.state != GRANTED:
+                if trace is not None:
+                    trace.wait_begins(call, self.planner.level_names[call.level])
                 ticket = await self.wait_slot(call, ticket)
+                if trace is not None:
+                    trace.wait_ends()
             replica = None
             try:
                 now = time.monotonic()
@@ -69,8 +74,12 @@ class Dispatcher:
                     requeued = True
                     continue
                 self.metrics.observe_decision(g.name, decision)
+                if trace is not None:
+                    trace.attempt_begins(call, replica)
                 return await attempt(Exchange(self.wire, call, replica, ticket))
             except WorkerDied as died:
+                if trace is not None:
+                    trace.attempt_failed(died.reason)
                 if state.abandoned:
                     raise state.shutting_down() from None
                 call.hangs += died.hang

@@ -75,12 +75,19 @@ def head(call: Call, target: str, raw, peer: bytes, scheme: bytes) -> bytes:
         if lk == b"host":
             host = v
         fields += (k, b": ", v, b"\r\n")
-    if conn_tokens:  # (rare) the headers the Connection header names are hop-by-hop too, Host aside
+    trace = call.trace
+    if conn_tokens or trace is not None:
+        # (rare) the headers the Connection header names are hop-by-hop too, Host aside; with tracing on,
+        # the worker gets the attempt's traceparent in place of the client's
+        if trace is not None:
+            conn_tokens += (b"traceparent",)
         fields = []
         for k, v in raw:
             lk = k.lower()
             if lk not in HOP_BY_HOP and (lk not in conn_tokens or lk in NEVER_STRIPPED):
                 fields += (k, b": ", v, b"\r\n")
+        if trace is not None and trace.traceparent is not None:
+            fields += (b"traceparent: ", trace.traceparent, b"\r\n")
     parts = [_METHOD_BYTES.get(call.method) or call.method.encode(), b" ",
              target.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\n", *fields]
     parts += (b"X-Forwarded-For: ", xff + b", " + peer if xff else peer, b"\r\n",

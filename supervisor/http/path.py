@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
     from ..pressure_control import PressureControl
     from ..runstate import RunState
+    from ..trace_spans import Tracer
     from .wire import Request, Responder
 
 access_log = structlog.get_logger("supervisor.access")
@@ -50,6 +51,7 @@ class RequestPath:
         self.admission = Admission(settings, fleet, metrics, pressure, run, self.planner)
         self.dispatcher = Dispatcher(fleet, metrics, pressure, run, self.planner, self.wire)
         self.settings = settings
+        self.tracer: Tracer | None = None  # set by the supervisor's Tracing while tracing is on
 
     def derive(self, s: Settings) -> None:
         self.settings = s
@@ -73,6 +75,8 @@ class RequestPath:
         run.active += 1
         rid = request.headers.get("X-Request-ID")
         call = Call(rid or "", t0, request.method, request.path, self.planner.default_level)
+        if self.tracer is not None:
+            call.trace = self.tracer.request(request, call)
         admission = self.admission
         try:
             try:
@@ -87,6 +91,8 @@ class RequestPath:
                 else:
                     status = await self._serve(request, responder, call)
             except Rejected as r:
+                if call.trace is not None:
+                    call.trace.error = r.etype
                 parts = admission.reject(r, call.rid)
                 if responder.started:  # (an answer under way cannot become an error any more: cut it)
                     request.close()
@@ -101,7 +107,8 @@ class RequestPath:
             if self.settings.logging.access:
                 access_log.info("request", request_id=call.rid, method=call.method, path=call.path, status=status,
                                 priority=self.planner.level_names[max(call.level, 0)], worker=call.worker_label,
-                                attempts=call.attempt, duration_ms=round((time.monotonic() - t0) * 1000, 3))
+                                attempts=call.attempt, duration_ms=round((time.monotonic() - t0) * 1000, 3),
+                                **(call.trace.log_fields() if call.trace is not None else {}))
             return status
         finally:
             run.request_done()
@@ -128,6 +135,8 @@ class RequestPath:
         level = call.level if call.level >= 0 else self.planner.default_level
         self.metrics.observe_request(self.planner.level_names[level], code, time.monotonic() - call.t0,
                                      call.worker_label)
+        if call.trace is not None:
+            call.trace.end(call, code, self.planner.level_names[level])
 
     # -- a job -----------------------------------------------------------------------------------
     def has_free_slot(self, req: JobRequest) -> bool:
@@ -145,11 +154,15 @@ class RequestPath:
         Takes its queue slot before its first await (the job manager counts on it)."""
         rid = f"job-{req.id}-{attempt}"
         call = Call(rid, time.monotonic(), req.method, "", self.planner.default_level)
+        trace = call.trace = self.tracer.job_run(req, attempt) if self.tracer is not None else None
         try:
             call = self.planner.job_call(req, rid, time.time())
+            call.trace = trace
             self.admission.admit(call)
             result = await self.dispatcher.dispatch(call, lambda ex: ex.result(req, max_result_bytes))
         except Rejected as r:
+            if trace is not None:
+                trace.error = r.etype
             self._observe(call, ERROR_TYPES[r.etype][0])
             raise JobFailed(r.etype, r.message) from None
         self._observe(call, result.status)

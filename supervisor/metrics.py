@@ -25,7 +25,7 @@ P = "gpu_supervisor_"
 LONG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 REJECT_REASONS = ("queue_full", "overloaded", "circuit_open", "queue_timeout", "worker_unavailable",
                   "shutting_down", "bad_request", "payload_too_large", "unauthorized", "model_not_found",
-                  "jobs_unavailable")
+                  "jobs_unavailable", "rate_limited")
 
 
 class Metrics:
@@ -56,6 +56,13 @@ class Metrics:
                                   "a stalled loop delays every request.",
                                   buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
                                   registry=r)
+        self.client_tokens = Counter(P + "client_tokens", "Tokens of answered requests by client (a name listed "
+                                     "under clients.keys, else other) and kind (input, output).",
+                                     ["client", "kind"], registry=r)
+        self.client_rate_limited = Counter(P + "client_rate_limited", "Requests refused 429 rate_limited, by client "
+                                           "(a name listed under clients.keys, else other).", ["client"], registry=r)
+        self.budget_store_errors = Counter(P + "budget_store_errors", "Budget store calls that failed (budgets "
+                                           "then fail open: the request is admitted).", registry=r)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for kind in PROTOCOL_ERROR_KINDS:

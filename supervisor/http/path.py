@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from ..budgets.core import Budgets
 from ..errors import ERROR_TYPES, Rejected
 from ..jobs.api import wants_async
 from ..jobs.model import JobFailed, JobRequest, JobResult
@@ -49,6 +50,7 @@ class RequestPath:
         self.wire = Wire(settings, run.slot_free)
         self.admission = Admission(settings, fleet, metrics, pressure, run, self.planner)
         self.dispatcher = Dispatcher(fleet, metrics, pressure, run, self.planner, self.wire)
+        self.budgets = Budgets(settings, metrics)
         self.settings = settings
 
     def derive(self, s: Settings) -> None:
@@ -56,6 +58,7 @@ class RequestPath:
         self.planner.derive(s)
         self.wire.derive(s)
         self.admission.derive(s)
+        self.budgets.derive(s)
 
     def models_changed(self) -> None:
         """What the fleet serves changed (discovery): whether routing reads the body's `model`."""
@@ -88,6 +91,8 @@ class RequestPath:
                     status = await self._serve(request, responder, call)
             except Rejected as r:
                 parts = admission.reject(r, call.rid)
+                if call.charge is not None:
+                    call.charge.error_headers(parts[1])
                 if responder.started:  # (an answer under way cannot become an error any more: cut it)
                     request.close()
                     status = parts[0]
@@ -104,7 +109,11 @@ class RequestPath:
                                 attempts=call.attempt, duration_ms=round((time.monotonic() - t0) * 1000, 3))
             return status
         finally:
-            run.request_done()
+            try:
+                if call.charge is not None:  # settled (or refunded) once, whatever happened
+                    await self.budgets.settle(call.charge, call.model)
+            finally:
+                run.request_done()
 
     async def _serve(self, request: Request, responder: Responder, call: Call) -> int:
         """Route, admit, take the body (what does not need to wait is done without awaiting), dispatch."""
@@ -122,6 +131,8 @@ class RequestPath:
                 await admission.take_body(request, call)
             else:
                 call.body = b""
+        if self.budgets.active:
+            await self.budgets.charge(call, request.content_length)
         return await self.dispatcher.dispatch(call, lambda ex: ex.answer(request, responder))
 
     def _observe(self, call: Call, code: int) -> None:

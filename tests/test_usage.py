@@ -56,8 +56,8 @@ def test_minute_of() -> None:
 
 
 def test_parse_query_defaults_and_values() -> None:
-    assert parse_query({"key": "alice"}) == UsageQuery("alice", 0.0, "minute")
-    assert parse_query({"key": "a b", "since": "1700000000.5", "group_by": "day"}) == \
+    assert parse_query([("key", "alice")]) == UsageQuery("alice", 0.0, "minute")
+    assert parse_query([("key", "a b"), ("since", "1700000000.5"), ("group_by", "day")]) == \
         UsageQuery("a b", 1700000000.5, "day")
 
 
@@ -69,12 +69,18 @@ def test_parse_query_defaults_and_values() -> None:
     ({"key": "a", "since": "nan"}, "must be unix seconds >= 0"),
     ({"key": "a", "since": "inf"}, "must be unix seconds >= 0"),
     ({"key": "a", "group_by": "week"}, "group_by='week': must be one of minute, hour, day"),
-    ({"key": "a", "limit": "3"}, "unknown parameter(s) limit"),
+    ({"key": "a", "limit": "3"}, "unknown parameter 'limit'"),
 ])
 def test_parse_query_refuses_with_a_reason(query: dict, says: str) -> None:
     with pytest.raises(ValueError) as exc:
-        parse_query(query)
+        parse_query(query.items())
     assert says in str(exc.value)
+
+
+def test_parse_query_refuses_a_repeated_parameter() -> None:
+    with pytest.raises(ValueError) as exc:
+        parse_query([("key", "a"), ("key", "b")])
+    assert "key is given more than once" in str(exc.value)
 
 
 def test_grouped_by_period_and_model() -> None:

@@ -94,12 +94,17 @@ class UsageQuery:
     group_by: str
 
 
-def parse_query(query: Mapping[str, str]) -> UsageQuery:
-    """`key` (required), `since` (unix seconds, default 0: all that is kept), `group_by` (minute, hour or
-    day; default minute) checked; ValueError saying what is wrong and what is accepted."""
-    unknown = sorted(set(query) - {"key", "since", "group_by"})
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; /usage takes key, since and group_by")
+def parse_query(pairs: Iterable[tuple[str, str]]) -> UsageQuery:
+    """The query's (name, value) pairs checked: `key` (required), `since` (unix seconds, default 0: all
+    that is kept), `group_by` (minute, hour or day; default minute), each at most once. ValueError
+    saying what is wrong and what is accepted."""
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in ("key", "since", "group_by"):
+            raise ValueError(f"unknown parameter {name!r}; /usage takes key, since and group_by")
+        if name in query:
+            raise ValueError(f"{name} is given more than once")
+        query[name] = value
     key = query.get("key")
     if not key:
         raise ValueError("key is required: /usage?key=<the client's key value, as the client sends it>")

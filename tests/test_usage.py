@@ -3,6 +3,7 @@ memory and SQLite stores (a file in tmp_path) holding the same rows."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -287,3 +288,49 @@ async def test_a_request_without_a_model_is_counted_under_null() -> None:
     log.record(rec("k", None, 1, 2, clock.t))
     out = answer(UsageQuery("k", 0, "hour"), await log.query("k", 0))
     assert [(r["model"], r["requests"]) for r in out["rows"]] == [(None, 1)]
+
+
+# -- the command line's pure parts ----------------------------------------------------------------------
+
+def test_cli_since_takes_unix_seconds_or_a_time_ago() -> None:
+    from supervisor.usage_cli import UsageError, parse_since
+    assert parse_since(None, T0) is None
+    assert parse_since("1700000000", T0) == 1700000000.0
+    assert parse_since("90m", T0) == T0 - 5400
+    assert parse_since("7d", T0) == T0 - 7 * DAY
+    assert parse_since("1.5h", 100.0) == 0.0                  # never before the epoch
+    for bad in ("yesterday", "-5", "nan", "3w"):
+        with pytest.raises(UsageError) as exc:
+            parse_since(bad, T0)
+        assert exc.value.line().startswith(f"gpu-supervisor usage: --since {bad!r}")
+
+
+def test_cli_target_is_the_base_url_with_usage_and_the_query() -> None:
+    from supervisor.usage_cli import UsageError, usage_target
+    t = usage_target("http://127.0.0.1:9000", "a b&c", 1700000000.0, "hour")
+    assert (t.host, t.port, t.path) == ("127.0.0.1", 9000, "/usage?key=a+b%26c&group_by=hour&since=1700000000")
+    assert t.shown == "http://127.0.0.1:9000/usage"
+    t = usage_target("https://gw.example/sup/", "k", None, "day")
+    assert (t.scheme, t.port, t.path) == ("https", 443, "/sup/usage?key=k&group_by=day")
+    with pytest.raises(UsageError):
+        usage_target("ftp://x", "k", None, "day")
+
+
+def test_cli_parses_and_shows_a_usage_answer() -> None:
+    from rich.console import Console
+
+    from supervisor.usage_cli import UsageError, parse_usage, render
+    h0 = T0 - T0 % 3600
+    data = answer(UsageQuery("alice", 0, "hour"), [UsageRow("k", "gpt", h0, 2, 30, 12),
+                                                   UsageRow("k", "", h0 + 3600, 1, 5, 0)])
+    assert parse_usage(json.dumps(data).encode()) == data
+    console = Console(record=True, width=120, color_system=None)
+    console.print(render(data, "http://h:1/usage"))
+    text = console.export_text()
+    assert "usage of alice by hour (UTC)" in text
+    assert "2023-11-14 22:00" in text and "2023-11-14 23:00" in text      # T0's hour and the next, UTC
+    lines = [line for line in text.splitlines() if "gpt" in line or "total" in line]
+    assert [[c for c in line.split() if c.isdigit()][-3:] for line in lines] == [["2", "30", "12"], ["3", "35", "12"]]
+    for body in (b"<html>", b"[]", b'{"rows": 1, "total": {}}', b'{"rows": [1], "total": {}}'):
+        with pytest.raises(UsageError):
+            parse_usage(body)

@@ -214,7 +214,7 @@ class RedisBudgetStore:
 
     kind = "redis"
 
-    def __init__(self, url: str, connect_timeout_s: float = 0.25, op_timeout_s: float = 0.5):
+    def __init__(self, url: str, connect_timeout_s: float = 0.25, op_timeout_s: float = 1.0):
         # short timeouts: a take sits on the request path, and a Redis that does not answer must cost
         # a request little before it is admitted without a budget
         self.url = url

@@ -46,19 +46,18 @@ class Clock:
 # -- bucket math ---------------------------------------------------------------------------------------
 @given(level=st.floats(-1e5, 1e4), cap=st.integers(1, 10**6), dt=st.floats(0, 1e4))
 def test_refill_grows_at_the_rate_and_never_past_capacity(level, cap, dt):
-    b = bucket.Level(min(level, cap), 0.0)
-    r = bucket.refill(b, cap, dt)
-    assert r.level <= cap
-    assert r.level == pytest.approx(min(cap, b.level + dt * cap / 60), rel=1e-9, abs=1e-6)
+    level = min(level, cap)
+    r = bucket.refill(level, 0.0, cap, dt)
+    assert r <= cap
+    assert r == pytest.approx(min(cap, level + dt * cap / 60), rel=1e-9, abs=1e-6)
 
 
 def test_wait_and_reset_figures():
-    b = bucket.Level(10.0, 0.0)
-    assert bucket.wait_s(b, 10, 60) == 0
-    assert bucket.wait_s(b, 13, 60) == pytest.approx(3.0)  # 1 token a second
-    assert bucket.wait_s(b, 1000, 60) == pytest.approx(50.0)  # never more than a full bucket is needed
-    assert bucket.full_in_s(b, 60) == pytest.approx(50.0)
-    assert bucket.remaining(bucket.Level(-5.0, 0.0)) == 0
+    assert bucket.wait_s(10.0, 10, 60) == 0
+    assert bucket.wait_s(10.0, 13, 60) == pytest.approx(3.0)  # 1 token a second
+    assert bucket.wait_s(10.0, 1000, 60) == pytest.approx(50.0)  # never more than a full bucket is needed
+    assert bucket.full_in_s(10.0, 60) == pytest.approx(50.0)
+    assert bucket.remaining(-5.0) == 0 and bucket.remaining(7.9) == 7
 
 
 @pytest.mark.parametrize(("s", "text"), [(0, "0s"), (0.25, "250ms"), (0.0004, "1ms"), (1, "1s"), (1.5, "1.5s"),
@@ -198,6 +197,22 @@ def test_a_stream_is_metered_whatever_its_chunk_boundaries(n, with_usage, cuts):
         assert m.result() is None and m.chunks == n  # the role-only chunk carries no text
 
 
+@pytest.mark.parametrize(("answer_obj", "want"), [
+    # the generated text quotes a usage object: only the answer's own key counts
+    ({"choices": [{"message": {"content": 'say "usage": {"prompt_tokens": 999, "completion_tokens": 9}'}}],
+      "usage": {"prompt_tokens": 3, "completion_tokens": 4}}, (3, 4)),
+    ({"usage": {"prompt_tokens": 5, "completion_tokens": 6}, "choices": [{"text": "usage"}]}, (5, 6)),
+    ({"choices": [{"message": {"content": '"usage": {"prompt_tokens": 1}'}}], "usage": None}, None),
+    ({"choices": [{"message": {"content": '"usage": {"prompt_tokens": 1}'}}]}, None),
+    ({"object": "response", "usage": {"input_tokens": 2, "output_tokens": 8}}, (2, 8)),
+])
+def test_a_json_answer_s_usage_is_its_own(answer_obj, want):
+    for text in (json.dumps(answer_obj), json.dumps(answer_obj, indent=2)):
+        m = AnswerMeter(b"application/json")
+        m.feed(text.encode())
+        assert m.result() == want
+
+
 def test_a_json_answer_is_metered_from_its_usage_in_pieces():
     raw = body(choices=[{"message": {"content": "hi"}}], usage={"prompt_tokens": 7, "completion_tokens": 2})
     m = AnswerMeter(b"application/json")
@@ -318,7 +333,7 @@ def test_the_worker_s_own_rate_headers_are_replaced():
     c = call_of("c", b"")
     run(b.charge(c, 0))
     h = [(b"X-RateLimit-Limit-Requests", b"9999"), (b"content-type", b"application/json")]
-    c.charge.add_headers(h)
+    c.charge.add_headers(h, [k.lower() for k, _ in h])
     assert h[0] == (b"content-type", b"application/json")
     assert dict(h)[b"x-ratelimit-limit-requests"] == b"60" and dict(h)[b"x-ratelimit-remaining-requests"] == b"59"
     assert rate_headers(c.charge.state)[2] == (b"x-ratelimit-reset-requests", b"1s")

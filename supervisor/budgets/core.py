@@ -105,11 +105,15 @@ class Charge:
         self.settled = False
         self.retry_after_s: float | None = None  # refused: when to come back
 
-    def add_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
-        """Ours replace any x-ratelimit-* the worker sent (the client's budget here is what it has)."""
+    def add_headers(self, headers: list[tuple[bytes, bytes]], names: list[bytes]) -> None:
+        """Ours replace any x-ratelimit-* the worker sent (the client's budget here is what it has).
+        `names`: the worker's header names, lowercased."""
         if self.state is None:
             return
-        headers[:] = [kv for kv in headers if not kv[0].lower().startswith(_RATELIMIT)]
+        for n in names:
+            if n.startswith(_RATELIMIT):
+                headers[:] = [kv for kv in headers if not kv[0].lower().startswith(_RATELIMIT)]
+                break
         headers += rate_headers(self.state)
 
     def error_headers(self, headers: dict[str, str]) -> None:

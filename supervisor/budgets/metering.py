@@ -18,6 +18,9 @@ CHARS_PER_TOKEN = 4
 JSON_LIMIT = 4 * 1024 * 1024  # a non-stream answer larger than this is not parsed (settled at the estimate)
 LINE_LIMIT = 1024 * 1024  # an SSE line longer than this is skipped
 _MAX_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+_DECODER = json.JSONDecoder()
+_USAGE_KEY = b'"usage"'
+_WS = b" \t\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +35,18 @@ class Estimate:
 def _chars(v: Any) -> int:
     """Characters of prompt text in an OpenAI field (a string, parts, messages, or lists of them).
     A list of ints is a prompt already in tokens: counted as CHARS_PER_TOKEN characters each."""
-    if isinstance(v, str):
+    if type(v) is str:
         return len(v)
-    if isinstance(v, int) and not isinstance(v, bool):
+    if type(v) is list:
+        n = 0
+        for x in v:
+            n += _chars(x)
+        return n
+    if type(v) is dict:  # a message {role, content} or a content part {type: text, text}
+        c, t = v.get("content"), v.get("text")
+        return (len(c) if type(c) is str else _chars(c) if c is not None else 0) + (_chars(t) if t is not None else 0)
+    if type(v) is int:
         return CHARS_PER_TOKEN
-    if isinstance(v, list):
-        return sum(_chars(x) for x in v)
-    if isinstance(v, dict):  # a message {role, content} or a content part {type: text, text}
-        return _chars(v.get("content")) + _chars(v.get("text"))
     return 0
 
 
@@ -54,13 +61,8 @@ def estimate(body: bytes | None, content_length: int | None, path: str) -> Estim
         return Estimate(_tokens(content_length or 0), DEFAULT_OUTPUT, None)
     if not body:
         return Estimate(0, 0, None)
-    data = None
-    if body.lstrip()[:1] == b"{":
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            data = None
-    if not isinstance(data, dict):
+    data = _json(body)
+    if type(data) is not dict:
         return Estimate(_tokens(len(body)), 0, None)
     prompt = _chars(data.get("messages")) + _chars(data.get("prompt")) + _chars(data.get("input"))
     output = 0
@@ -74,6 +76,14 @@ def estimate(body: bytes | None, content_length: int | None, path: str) -> Estim
         output = DEFAULT_OUTPUT if generates else 0
     model = data.get("model")
     return Estimate(_tokens(prompt), output, model if isinstance(model, str) else None)
+
+
+def _json(raw: bytes) -> Any:
+    """A UTF-8 JSON document (RFC 8259 allows no other encoding between systems), or None."""
+    try:
+        return _DECODER.decode(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        return None
 
 
 def _count(v: Any) -> int | None:
@@ -100,6 +110,27 @@ def usage_of(obj: Any) -> tuple[int, int] | None:
     if inp is None and out is None:
         return None
     return inp or 0, out or 0
+
+
+def _usage_at_end(body: bytes) -> tuple[int, int] | None:
+    """The `usage` object of a JSON answer read alone, from its last `"usage":` key on (OpenAI puts it
+    last): an answer's generated text is not parsed. None when that does not find one."""
+    i = body.rfind(_USAGE_KEY)
+    if i <= 0 or body[i - 1] == 0x5C:  # (a backslash: an escaped quote inside a string, not a key)
+        return None
+    j = i + len(_USAGE_KEY)
+    while j < len(body) and body[j] in _WS:
+        j += 1
+    if body[j:j + 1] != b":":
+        return None
+    j += 1
+    while j < len(body) and body[j] in _WS:
+        j += 1
+    try:
+        obj, _ = _DECODER.raw_decode(body[j:j + 4096].decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return None
+    return usage_of({"usage": obj})
 
 
 def _content_chunk(obj: dict) -> bool:
@@ -149,15 +180,9 @@ class AnswerMeter:
         for line in lines:
             if not line.startswith(b"data:"):
                 continue
-            payload = line[5:].strip()
-            if not payload or payload[:1] != b"{":
+            obj = _json(line[5:])
+            if type(obj) is not dict:
                 continue  # [DONE], or not JSON
-            try:
-                obj = json.loads(payload)
-            except (ValueError, RecursionError):
-                continue
-            if not isinstance(obj, dict):
-                continue
             u = usage_of(obj)
             if u is not None:
                 self.usage = u
@@ -167,10 +192,9 @@ class AnswerMeter:
     def result(self) -> tuple[int, int] | None:
         """The answer's usage (input, output) if it said; else None (see `chunks` for a stream)."""
         if self.json and self.parts and self.usage is None and self.size <= JSON_LIMIT:
-            body = b"".join(self.parts)
+            body = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
             self.parts = []
-            try:
-                self.usage = usage_of(json.loads(body))
-            except (ValueError, RecursionError):
-                self.usage = None
+            self.usage = _usage_at_end(body)
+            if self.usage is None:
+                self.usage = usage_of(_json(body))
         return self.usage

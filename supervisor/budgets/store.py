@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from . import bucket
 from .bucket import Level
@@ -34,8 +33,7 @@ class StoreUnavailable(Exception):
     """The store's backend cannot be reached (Redis down); budgets then fail open."""
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
+class Limits(NamedTuple):
     """One client's budget per minute; 0 = unlimited in that dimension."""
 
     tokens_per_minute: int = 0
@@ -47,8 +45,7 @@ class Limits:
         return self.tokens_per_minute > 0 or self.requests_per_minute > 0
 
 
-@dataclass(frozen=True, slots=True)
-class RateState:
+class RateState(NamedTuple):
     """What OpenAI's `x-ratelimit-*` headers say for one client: per dimension its limit, the whole
     units left, and seconds until the bucket is full again. A dimension with limit 0 is unlimited and
     gets no headers."""
@@ -61,8 +58,7 @@ class RateState:
     reset_tokens_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class Take:
+class Take(NamedTuple):
     """The answer to a take: admitted or not, seconds until both buckets have room (0 when admitted),
     and the buckets after it (for the headers)."""
 
@@ -88,8 +84,7 @@ class BudgetStore(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
+class UsageRecord(NamedTuple):
     """One answered request's settled usage, as the usage log keeps it."""
 
     key: str  # hashed client key
@@ -110,22 +105,27 @@ class UsageSink(Protocol):
 
 
 class _Buckets:
-    """One client's two buckets (None where that dimension is unlimited)."""
+    """One client's two bucket levels (None where that dimension is unlimited), both as of `at`."""
 
-    __slots__ = ("requests", "tokens")
+    __slots__ = ("requests", "tokens", "at")
 
-    def __init__(self) -> None:
-        self.requests: Level | None = None
-        self.tokens: Level | None = None
+    def __init__(self, at: float) -> None:
+        self.requests: float | None = None
+        self.tokens: float | None = None
+        self.at = at
+
+
+def _state(req: float | None, tok: float | None, rpm: int, tpm: int) -> RateState:
+    return RateState(
+        rpm, bucket.remaining(req) if req is not None else 0, bucket.full_in_s(req, rpm) if req is not None else 0.0,
+        tpm, bucket.remaining(tok) if tok is not None else 0, bucket.full_in_s(tok, tpm) if tok is not None else 0.0,
+    )
 
 
 def rate_state(req: Level | None, tok: Level | None, limits: Limits) -> RateState:
     """The header figures of a client's buckets (None: that dimension is unlimited)."""
-    rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
-    return RateState(
-        rpm, bucket.remaining(req) if req else 0, bucket.full_in_s(req, rpm) if req else 0.0,
-        tpm, bucket.remaining(tok) if tok else 0, bucket.full_in_s(tok, tpm) if tok else 0.0,
-    )
+    return _state(req.level if req is not None else None, tok.level if tok is not None else None,
+                  limits.requests_per_minute, limits.tokens_per_minute)
 
 
 class MemoryBudgetStore:
@@ -135,48 +135,48 @@ class MemoryBudgetStore:
         self._clock = clock
         self._buckets: dict[str, _Buckets] = {}
 
-    def _refilled(self, key: str, limits: Limits, now: float) -> _Buckets:
+    def _refilled(self, key: str, rpm: int, tpm: int, now: float) -> _Buckets:
         b = self._buckets.get(key)
         if b is None:
             if len(self._buckets) >= _PRUNE_AT:
                 self._prune(now)
-            b = self._buckets[key] = _Buckets()
-        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
-        # A limit set to 0 by a reload drops its bucket; a new limit starts full.
-        b.requests = (bucket.refill(b.requests, rpm, now) if b.requests else Level(float(rpm), now)) if rpm else None
-        b.tokens = (bucket.refill(b.tokens, tpm, now) if b.tokens else Level(float(tpm), now)) if tpm else None
+            b = self._buckets[key] = _Buckets(now)
+        # a new limit starts full; a limit set to 0 by a reload drops its bucket
+        r, t = b.requests, b.tokens
+        b.requests = (float(rpm) if r is None else bucket.refill(r, b.at, rpm, now)) if rpm else None
+        b.tokens = (float(tpm) if t is None else bucket.refill(t, b.at, tpm, now)) if tpm else None
+        b.at = now
         return b
 
     def _prune(self, now: float) -> None:
         """Forget buckets that are full by now (a fresh bucket is the same thing): untouched for over a
         minute and not in debt then. A store keeps no capacities, so this is the test it can make."""
-        stale = [k for k, b in self._buckets.items()
-                 if all(lv is None or (now - lv.at > bucket.PERIOD_S and lv.level >= 0)
-                        for lv in (b.requests, b.tokens))]
+        stale = [k for k, b in self._buckets.items() if now - b.at > bucket.PERIOD_S
+                 and (b.requests is None or b.requests >= 0) and (b.tokens is None or b.tokens >= 0)]
         for k in stale:
             del self._buckets[k]
 
     async def take(self, key: str, limits: Limits, tokens: int) -> Take:
-        now = self._clock()
-        b = self._refilled(key, limits, now)
+        tpm, rpm = limits
+        b = self._refilled(key, rpm, tpm, self._clock())
         req, tok = b.requests, b.tokens
-        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
-        wait = max(bucket.wait_s(req, 1, rpm) if req else 0.0, bucket.wait_s(tok, tokens, tpm) if tok else 0.0)
+        wait = max(bucket.wait_s(req, 1, rpm) if req is not None else 0.0,
+                   bucket.wait_s(tok, tokens, tpm) if tok is not None else 0.0)
         if wait > 0:
-            return Take(False, wait, rate_state(req, tok, limits))
-        if req:
-            req = b.requests = Level(req.level - 1, now)
-        if tok:
-            tok = b.tokens = Level(tok.level - tokens, now)
-        return Take(True, 0.0, rate_state(req, tok, limits))
+            return Take(False, wait, _state(req, tok, rpm, tpm))
+        if req is not None:
+            req = b.requests = req - 1
+        if tok is not None:
+            tok = b.tokens = tok - tokens
+        return Take(True, 0.0, _state(req, tok, rpm, tpm))
 
     async def adjust(self, key: str, limits: Limits, tokens: int, *, refund_request: bool = False) -> None:
-        now = self._clock()
-        b = self._refilled(key, limits, now)
-        if b.tokens and tokens:
-            b.tokens = Level(min(float(limits.tokens_per_minute), b.tokens.level - tokens), now)
-        if b.requests and refund_request:
-            b.requests = Level(min(float(limits.requests_per_minute), b.requests.level + 1), now)
+        tpm, rpm = limits
+        b = self._refilled(key, rpm, tpm, self._clock())
+        if b.tokens is not None and tokens:
+            b.tokens = min(float(tpm), b.tokens - tokens)
+        if b.requests is not None and refund_request:
+            b.requests = min(float(rpm), b.requests + 1)
 
     async def aclose(self) -> None:
         self._buckets.clear()

@@ -198,7 +198,7 @@ class Exchange(InFlight):
             headers = response_headers(conn.headers, call, replica.degraded, names, replica.tag)
             charge = call.charge
             if charge is not None:
-                charge.add_headers(headers)
+                charge.add_headers(headers, names)
             first: list[bytes] = []
             buffer_bytes = self.wire.limits.buffer_bytes
             if not conn.complete and call.method != "HEAD" and sized(conn.content_length, buffer_bytes):

@@ -1,11 +1,13 @@
 """A worker that answers OpenAI's chat and text completions with honest `usage`: the budget tests' worker.
 
-Run as ``python tests/workers/usage_worker.py --socket PATH``. A completion is `max_tokens` (or
-`max_completion_tokens`, else 8) tokens of "tok "; the prompt counts one token per 4 characters of
-its messages' content or its prompt. Streams (SSE, one token per chunk) with "stream": true, and a
-usage chunk last when `stream_options.include_usage` is set. Controls, by the body's `model`:
-`no-usage` leaves `usage` out of a JSON answer; `die` kills this process before any answer byte;
-`slow` waits `?ms=` (default 200) before answering. Only aiohttp and the standard library are imported.
+Run as ``python tests/workers/usage_worker.py --socket PATH``. Its own tokenizer differs from the
+daemon's estimate, as a real engine's does: a prompt is one token per 3 characters (of its messages'
+content or its prompt), and an answer stops early, at half of `max_tokens` (or `max_completion_tokens`,
+rounded up; 8 without either) tokens of "tok ". Streams (SSE, one token per chunk) with "stream": true,
+and a usage chunk last when `stream_options.include_usage` is set. Controls, by the body's `model`:
+`no-usage` leaves `usage` out of a JSON answer; `die` kills this process before any answer byte; `slow`
+waits `?ms=` (default 200) before answering. `?gap_ms=` waits that long between streamed chunks. Only
+aiohttp and the standard library are imported.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ def prompt_tokens(body: dict) -> int:
             chars += len(m["content"])
     if isinstance(body.get("prompt"), str):
         chars += len(body["prompt"])
-    return -(-chars // 4)
+    return -(-chars // 3)
 
 
 def completion_tokens(body: dict) -> int:
     for k in ("max_completion_tokens", "max_tokens"):
         if isinstance(body.get(k), int):
-            return body[k]
+            return -(-body[k] // 2)
     return DEFAULT_TOKENS
 
 
@@ -64,7 +66,10 @@ async def complete(request: web.Request) -> web.StreamResponse:
         return web.json_response(answer)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
+    gap = int(request.query.get("gap_ms", "0")) / 1000
     for _ in range(n):
+        if gap:
+            await asyncio.sleep(gap)
         choice = ({"index": 0, "delta": {"content": TOKEN}, "finish_reason": None} if chat
                   else {"index": 0, "text": TOKEN, "finish_reason": None})
         chunk = {"id": "c-1", "object": kind + ".chunk" if chat else kind, "created": 0, "model": model,

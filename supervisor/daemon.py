@@ -194,7 +194,8 @@ class Daemon:
                       hint="move the file aside (jobs are lost) or set jobs.store to another path")
             return 1
         try:
-            self.usage = sup.path.budgets.sink = await usage_api.open_usage(s.clients)
+            self.usage = sup.path.budgets.sink = await usage_api.open_usage(
+                s.clients, resolve_state_dir(s.state_dir, state_env))
         except UsageUnavailable as exc:
             log.error("usage_store_unusable", error=str(exc), hint="move the file aside or set clients.store")
             return 1

@@ -107,3 +107,22 @@ async def test_two_daemons_share_a_budget_and_survive_a_redis_outage(supervisor_
         status, body = await usage(a, key)
         assert status == 200
         assert body["total"] == summed(during[key]), key  # nothing lost, nothing twice
+
+
+async def test_usage_left_at_a_shutdown_during_an_outage_is_written_by_the_next_start(
+        supervisor_factory, redis_tcp, tmp_path: Path) -> None:
+    cfg = config(redis_tcp.tcp_url) | {"state_dir": str(tmp_path / "state")}
+    sup = await supervisor_factory(cfg)
+    await redis_tcp.stop()
+    answers = []
+    for key in ("alice", "bob", "alice"):
+        status, _, answer = await chat(sup, key, max_tokens=5)
+        assert status == 200, answer
+        answers.append((key, answer))
+    assert await sup.stop() == 0                          # Redis is still down: the usage goes to the state dir
+    await redis_tcp.start()
+    sup = await supervisor_factory(cfg)
+    for key in ("alice", "bob"):
+        status, body = await usage(sup, key)
+        assert status == 200, body
+        assert body["total"] == summed([a for k, a in answers if k == key]), key

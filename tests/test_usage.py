@@ -26,6 +26,8 @@ from supervisor.budgets.usage import (
     minute_of,
     open_usage_store,
     parse_query,
+    spill,
+    take_spilled,
 )
 from supervisor.budgets.usage_sqlite import SqliteUsageStore
 from supervisor.fairness import hash_key
@@ -246,6 +248,44 @@ async def test_sqlite_write_refused_keeps_the_counts_for_later(tmp_path: Path) -
     assert sorted(await log.query(k, 0), key=lambda r: r.model) == [
         UsageRow(k, "emb", minute_of(T0), 1, 3, 3), UsageRow(k, "gpt", minute_of(T0), 2, 3, 3)]
     await log.aclose()
+
+
+def test_spilled_batches_come_back_as_they_were(tmp_path: Path) -> None:
+    left = [Batch("b1", (UsageRow("k", "gpt", 60, 1, 2, 3), UsageRow("k", "", 120, 1, 0, 0))),
+            Batch("b2", (UsageRow("j", "emb", 60, 4, 5, 6),))]
+    path = spill(str(tmp_path / "state"), left)
+    assert Path(path).name.startswith("usage-unwritten-") and (Path(path).stat().st_mode & 0o777) == 0o600
+    (tmp_path / "state" / "usage-unwritten-broken.json").write_text("{not json")
+    assert take_spilled(str(tmp_path / "state")) == left
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["usage-unwritten-broken.json.bad"]
+    assert take_spilled(str(tmp_path / "state")) == []
+    assert take_spilled(str(tmp_path / "nowhere")) == []
+
+
+async def test_a_shutdown_with_the_store_down_leaves_usage_for_the_next_start(tmp_path: Path) -> None:
+    path, state = str(tmp_path / "u.db"), str(tmp_path / "state")
+    clock = Clock()
+    first = UsageLog(SqliteUsageStore(path, busy_timeout_s=0), DAY, clock=clock, spill_dir=state)
+    await first.store.open()
+    first.record(rec("k", "gpt", 1, 1, clock.t))
+    assert await first.flush()
+    first.record(rec("k", "gpt", 2, 2, clock.t))
+    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert not await first.flush()            # the batch is tried: it may count on a retry only once
+        first.record(rec("k", "emb", 3, 3, clock.t))
+        await first.aclose()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    second = UsageLog(SqliteUsageStore(path), DAY, clock=clock, spill_dir=state)
+    await second.store.open()
+    assert await second.take_spilled() == 2
+    assert sorted(await second.query("k", 0), key=lambda r: r.model) == [
+        UsageRow("k", "emb", minute_of(T0), 1, 3, 3), UsageRow("k", "gpt", minute_of(T0), 2, 3, 3)]
+    assert not any(Path(state).iterdir())
+    await second.aclose()
 
 
 def test_open_usage_store_by_name(tmp_path: Path) -> None:

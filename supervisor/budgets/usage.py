@@ -4,15 +4,19 @@ Recording is a dict update on the event loop (no I/O, nothing awaited); the coun
 model, minute) go to the store `clients.store` names in batches, every FLUSH_INTERVAL_S, before a
 query and at shutdown. A batch carries an id that the store applies at most once, and a batch whose
 write failed is kept and written again with the same id: a store that is down (Redis) loses nothing,
-and a write whose answer was lost (applied or not, we cannot tell) is not counted twice. Rows older
-than `clients.retention_s` are pruned. `/usage` answers are made here from the stored minute rows.
+and a write whose answer was lost (applied or not, we cannot tell) is not counted twice. What is still
+unwritten at shutdown (the store is down) goes to a file in the state directory, and the next start
+takes it back, batch ids and all. Rows older than `clients.retention_s` are pruned. `/usage` answers
+are made here from the stored minute rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +34,7 @@ PERIODS: dict[str, int] = {"minute": 60, "hour": 3600, "day": 86400}   # periods
 FLUSH_INTERVAL_S = 5.0
 PRUNE_INTERVAL_S = 60.0
 BATCH_ROWS = 256             # rows per batch: one store transaction (one Lua call on Redis) each
+SPILL_PREFIX = "usage-unwritten-"   # {state_dir}/usage-unwritten-<id>.json: batches left at a shutdown
 
 
 class UsageUnavailable(Exception):
@@ -190,9 +195,11 @@ class UsageLog:
     """Gathers settled usage in memory (a UsageSink) and writes it to its store; `run()` is its background
     task, `aclose()` its last flush."""
 
-    def __init__(self, store: UsageStore, retention_s: float, clock: Callable[[], float] = time.time):
+    def __init__(self, store: UsageStore, retention_s: float, clock: Callable[[], float] = time.time,
+                 spill_dir: str | None = None):
         self.store = store
         self.retention_s = retention_s
+        self.spill_dir = spill_dir           # where unwritten batches wait from one run to the next
         self._clock = clock                 # wall time: minutes are stored and shown
         self._pending: dict[tuple[str, str, int], list[int]] = {}
         self._unwritten: list[Batch] = []    # formed and tried; written again, as they are, until one succeeds
@@ -263,13 +270,77 @@ class UsageLog:
                         log.debug("usage_pruned", rows=gone)
                 next_prune = time.monotonic() + PRUNE_INTERVAL_S
 
+    async def take_spilled(self) -> int:
+        """Take back the batches a shutdown left in spill_dir (to be written first, with their ids);
+        how many rows."""
+        if self.spill_dir is None:
+            return 0
+        got = await asyncio.to_thread(take_spilled, self.spill_dir)
+        self._unwritten = got + self._unwritten
+        return sum(len(b.rows) for b in got)
+
     async def aclose(self) -> None:
-        """A last flush, then the store closes; what cannot be written now is said, then lost."""
+        """A last flush, then the store closes; what cannot be written now goes to spill_dir."""
         if not await self.flush():
-            pending, retry = self.unwritten()
-            log.warning("usage_not_written", store=self.store.kind, rows=pending + retry,
-                        reason="the usage store is down at shutdown")
+            left = self._unwritten + batches(self._pending)
+            rows = sum(len(b.rows) for b in left)
+            self._unwritten, self._pending = [], {}
+            try:
+                path = await asyncio.to_thread(spill, self.spill_dir, left) if self.spill_dir else None
+            except OSError as exc:
+                log.error("usage_not_written", store=self.store.kind, rows=rows, error=str(exc))
+            else:
+                if path is None:
+                    log.error("usage_not_written", store=self.store.kind, rows=rows, reason="no state directory")
+                else:
+                    log.warning("usage_kept_on_disk", store=self.store.kind, rows=rows, path=path,
+                                action="the next start writes it")
         await self.store.close()
+
+
+def spill(directory: str, left: list[Batch]) -> str:
+    """Write batches to a new file in `directory` (atomically: a temp file renamed); its path."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, f"{SPILL_PREFIX}{uuid.uuid4().hex}.json")
+    data = [{"id": b.id, "rows": [[r.key, r.model, r.minute, r.requests, r.input_tokens, r.output_tokens]
+                                  for r in b.rows]} for b in left]
+    tmp = path + ".tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def take_spilled(directory: str) -> list[Batch]:
+    """The batches of every spill file in `directory`, each file taken (removed) as it is read; a file
+    that cannot be read is renamed `.bad` and said so."""
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.startswith(SPILL_PREFIX) and n.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    out: list[Batch] = []
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            got = [Batch(str(b["id"]), tuple(UsageRow(str(k), str(m), int(mi), int(r), int(i), int(o))
+                                             for k, m, mi, r, i, o in b["rows"])) for b in data]
+        except FileNotFoundError:
+            continue                       # another daemon on this directory took it first
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("usage_spill_unreadable", path=path, error=str(exc), action="renamed .bad")
+            with contextlib.suppress(OSError):
+                os.replace(path, path + ".bad")
+            continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue                       # taken by another daemon meanwhile: its batches, not ours
+        out += got
+    return out
 
 
 def open_usage_store(store: str) -> UsageStore:

@@ -19,13 +19,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger("supervisor.budgets.usage")
 
 
-async def open_usage(clients: Clients | None) -> UsageLog | None:
-    """The usage log `clients.store` names, opened (None without `clients`). Raises UsageUnavailable
-    when its SQLite file is unusable; a Redis that is down is not an error: usage is kept here and
-    written once it is back."""
+async def open_usage(clients: Clients | None, state_dir: str) -> UsageLog | None:
+    """The usage log `clients.store` names, opened (None without `clients`), with what an earlier run
+    left unwritten in `state_dir` taken back. Raises UsageUnavailable when its SQLite file is unusable;
+    a Redis that is down is not an error: usage is kept here and written once it is back."""
     if clients is None:
         return None
-    usage = UsageLog(open_usage_store(clients.store), clients.retention_s)
+    usage = UsageLog(open_usage_store(clients.store), clients.retention_s, spill_dir=state_dir)
     try:
         await usage.store.open()
     except UsageUnavailable as exc:
@@ -34,6 +34,13 @@ async def open_usage(clients: Clients | None) -> UsageLog | None:
             raise
         log.warning("usage_store_unavailable", store="redis", error=str(exc),
                     action="usage is kept here and written when it is back")
+    try:
+        taken = await usage.take_spilled()
+    except OSError as exc:
+        log.warning("usage_spill_unreadable", path=state_dir, error=str(exc))
+    else:
+        if taken:
+            log.info("usage_taken_from_disk", rows=taken, path=state_dir)
     return usage
 
 

@@ -12,15 +12,16 @@ reconnects by itself.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .bucket import Level
 from .store import Limits, StoreUnavailable, Take, rate_state
@@ -63,6 +64,7 @@ return 1
 # again (a missing bucket is a full one). Returns admitted, seconds to wait, requests level, tokens
 # level (levels '' where unlimited), as strings (Lua numbers would come back truncated to integers).
 BUCKETS = """
+redis.replicate_commands()  -- (Redis < 5: writes after TIME need effects replication; later: the default)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local caps = {tonumber(ARGV[1]), tonumber(ARGV[2])}
@@ -137,6 +139,22 @@ def client(url: str, connect_timeout_s: float = 1.0, op_timeout_s: float = 2.0) 
     return aioredis.Redis.from_pool(pool)
 
 
+class Script:
+    """A Lua script run by EVALSHA; when the server does not hold it (restarted, SCRIPT FLUSH), by EVAL,
+    which also caches it again: one round trip either way."""
+
+    def __init__(self, r: aioredis.Redis, source: str):
+        self._r = r
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._r.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._r.eval(self.source, len(keys), *keys, *args)
+
+
 def _minute_key(key: str, minute: int) -> str:
     return f"{USAGE}{key}:{minute}"
 
@@ -153,7 +171,7 @@ class RedisUsageStore:
     def __init__(self, url: str):
         self.url = url
         self._r = client(url)
-        self._apply = self._r.register_script(APPLY_USAGE)    # EVALSHA, EVAL on NOSCRIPT
+        self._apply = Script(self._r, APPLY_USAGE)
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -220,7 +238,7 @@ class RedisBudgetStore:
         self.url = url
         self.available = True          # the last call reached Redis
         self._r = client(url, connect_timeout_s, op_timeout_s)
-        self._buckets = self._r.register_script(BUCKETS)
+        self._buckets = Script(self._r, BUCKETS)
 
     async def _run(self, key: str, limits: Limits, mode: str, tokens: int, refund: bool) -> list:
         try:

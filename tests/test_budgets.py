@@ -12,17 +12,18 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from supervisor.budgets import bucket
 from supervisor.budgets.core import Budgets, Charge, go_duration, rate_headers
 from supervisor.budgets.metering import DEFAULT_OUTPUT, AnswerMeter, estimate, usage_of
-from supervisor.budgets.store import Limits, MemoryBudgetStore, UsageRecord
+from supervisor.budgets.store import Limits, MemoryBudgetStore, StoreUnavailable, UsageRecord
 from supervisor.config import Queue as QueueSettings
 from supervisor.config import parse
 from supervisor.errors import Rejected, error_parts
 from supervisor.fairness import hash_key
 from supervisor.http.call import Call
-from supervisor.metrics import Metrics
+from supervisor.metrics import ClientMetrics, Metrics, P
 from supervisor.request_queue import CANCELLED, GRANTED, WAITING, RequestQueue
 
 
@@ -364,8 +365,6 @@ def test_a_stream_without_usage_is_settled_with_its_chunks_and_an_error_without_
 
 
 def test_a_store_that_is_down_fails_open_and_is_counted():
-    from supervisor.budgets.store import StoreUnavailable
-
     class Down(MemoryBudgetStore):
         async def take(self, key, limits, tokens):
             raise StoreUnavailable("down")
@@ -409,3 +408,23 @@ def test_with_costs_deficit_round_robin_shares_tokens_not_requests():
         assert all(t.state != CANCELLED for t in order)
     finally:
         loop.close()
+
+
+def test_client_metrics_read_as_prometheus_client_s_counters():
+    ours, ref = CollectorRegistry(), CollectorRegistry()
+    m = ClientMetrics()
+    ours.register(m)
+    tokens = Counter(P + "client_tokens", "Tokens of answered requests by client (a name listed under "
+                     "clients.keys, else other) and kind (input, output).", ["client", "kind"], registry=ref)
+    limited = Counter(P + "client_rate_limited", "Requests refused 429 rate_limited, by client (a name listed "
+                      "under clients.keys, else other).", ["client"], registry=ref)
+    for client, kind, n in (("team-a", "input", 7), ("team-a", "output", 5), ("other", "output", 2)):
+        m.count(client, kind).n += n
+        tokens.labels(client, kind).inc(n)
+    m.count("other", None).n += 1
+    limited.labels("other").inc()
+
+    def lines(reg) -> list[str]:
+        return sorted(x for x in generate_latest(reg).decode().splitlines() if "_created" not in x)
+
+    assert lines(ours) == lines(ref)

@@ -166,3 +166,25 @@ async def test_an_unbudgeted_client_gets_no_headers(supervisor_factory):
             "/v1/chat/completions", json=chat("hi", 2), headers={"Authorization": "Bearer nobody"}) as r:
         assert r.status == 200
         assert not [h for h in r.headers if h.lower().startswith("x-ratelimit-")]
+
+
+async def test_an_async_job_spends_its_client_s_budget_when_it_ends(supervisor_factory):
+    sp = await supervisor_factory(budget_config("output", **{TEAM_A: {"tokens_per_minute": 100}}))
+    headers = {"Authorization": f"Bearer {TEAM_A}"}
+    async with sp.session.post("/v1/chat/completions", json=chat("hi", 600),
+                               headers={**headers, "Prefer": "respond-async"}) as r:
+        assert r.status == 202
+        job = await r.json()
+
+    async def finished() -> dict | None:
+        async with sp.session.get(f"/jobs/{job['id']}", headers=headers) as r:
+            j = await r.json()
+        return j if j["status"] in ("succeeded", "failed") else None
+
+    assert (await wait_until(finished, 20, "the job finished"))["status"] == "succeeded"
+    # a job is never refused by the budget (it waited its turn), but what it used (300 tokens, three
+    # minutes of this budget) is spent: the client's next request waits for the refill
+    await wait_until(lambda: _tokens_are(sp, "team-a", 1, 300), 10, "the job's usage counted")
+    async with sp.session.post("/v1/chat/completions", json=chat("hi", 2), headers=headers) as r:
+        assert r.status == 429 and (await r.json())["error"]["type"] == "rate_limited"
+        assert int(r.headers["Retry-After"]) > 60

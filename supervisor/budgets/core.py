@@ -81,16 +81,16 @@ class _Client:
         self.label = name if name is not None else OTHER
         self.limits = Limits(b.tokens_per_minute, b.requests_per_minute)
         self.max_parallel = b.max_parallel
-        self.tokens_in = metrics.client_tokens.labels(self.label, "input")
-        self.tokens_out = metrics.client_tokens.labels(self.label, "output")
-        self.limited = metrics.client_rate_limited.labels(self.label)
+        self.tokens_in = metrics.client_count(self.label, "input")
+        self.tokens_out = metrics.client_count(self.label, "output")
+        self.limited = metrics.client_count(self.label, None)
 
 
 class Charge:
     """One request's budget, from admission to settlement."""
 
     __slots__ = ("key", "client", "estimate", "charged", "taken", "state", "meter", "status", "parallel",
-                 "settled", "retry_after_s")
+                 "settled", "retry_after_s", "deferred")
 
     def __init__(self, key: str, client: _Client, est: Estimate, charged: int):
         self.key = key
@@ -104,6 +104,7 @@ class Charge:
         self.parallel = False  # holds a max_parallel place
         self.settled = False
         self.retry_after_s: float | None = None  # refused: when to come back
+        self.deferred = False  # a job's: nothing taken before, what it used is taken when it ends
 
     def add_headers(self, headers: list[tuple[bytes, bytes]], names: list[bytes]) -> None:
         """Ours replace any x-ratelimit-* the worker sent (the client's budget here is what it has).
@@ -193,9 +194,19 @@ class Budgets:
                          f"(this request is estimated at {tokens} tokens)", take.retry_after_s)
         ch.taken = True
 
+    def charge_job(self, call: Call) -> None:
+        """A job's delivery: never refused by the budget (it waited its turn already), and charged what
+        it used when it ends, so a client's jobs spend the same budget as its requests."""
+        key = call.client or ""
+        cl = self.clients.get(key) or self.default
+        est = estimate(call.body, None, call.path)
+        ch = call.charge = Charge(key, cl, est, 0)
+        ch.deferred = True
+        call.cost = min(max(self.counted(est.input, est.output), 1) / TOKEN_QUANTUM, MAX_COST)
+
     def _refuse(self, ch: Charge, why: str, retry_after_s: float) -> None:
         ch.retry_after_s = retry_after_s
-        ch.client.limited.inc()
+        ch.client.limited.n += 1
         raise Rejected("rate_limited", why, retry_after_s)
 
     def _release(self, ch: Charge) -> None:
@@ -230,12 +241,12 @@ class Budgets:
             inp, out = 0, 0
         else:
             inp, out = est.input, est.output
-        if ch.taken:
+        if ch.taken or (ch.deferred and cl.limits.limited):
             delta = self.counted(inp, out) - ch.charged
             if delta:
                 await self._adjust(ch, delta, refund=False)
-        cl.tokens_in.inc(inp)
-        cl.tokens_out.inc(out)
+        cl.tokens_in.n += inp
+        cl.tokens_out.n += out
         if self.sink is not None:
             self.sink.record(UsageRecord(ch.key, cl.name, model or est.model, inp, out, time.time()))
 

@@ -10,6 +10,7 @@ engines stream). `AnswerMeter` reads the answer's bytes as they go to the client
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ LINE_LIMIT = 1024 * 1024  # an SSE line longer than this is skipped
 _MAX_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _DECODER = json.JSONDecoder()
 _USAGE_KEY = b'"usage"'
-_WS = b" \t\r\n"
+_USAGE_AT = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*')
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,19 +94,19 @@ def _count(v: Any) -> int | None:
 def usage_of(obj: Any) -> tuple[int, int] | None:
     """(input, output) tokens from an answer object's `usage` (chat/completions/embeddings names, the
     Responses API's names, or a Responses event's `response.usage`); None without one."""
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         return None
     u = obj.get("usage")
-    if not isinstance(u, dict):
+    if type(u) is not dict:
         r = obj.get("response")
-        u = r.get("usage") if isinstance(r, dict) else None
-        if not isinstance(u, dict):
+        u = r.get("usage") if type(r) is dict else None
+        if type(u) is not dict:
             return None
-    inp = _count(u.get("prompt_tokens"))
-    if inp is None:
+    inp = u.get("prompt_tokens")
+    if type(inp) is not int or inp < 0:
         inp = _count(u.get("input_tokens"))
-    out = _count(u.get("completion_tokens"))
-    if out is None:
+    out = u.get("completion_tokens")
+    if type(out) is not int or out < 0:
         out = _count(u.get("output_tokens"))
     if inp is None and out is None:
         return None
@@ -118,14 +119,10 @@ def _usage_at_end(body: bytes) -> tuple[int, int] | None:
     i = body.rfind(_USAGE_KEY)
     if i <= 0 or body[i - 1] == 0x5C:  # (a backslash: an escaped quote inside a string, not a key)
         return None
-    j = i + len(_USAGE_KEY)
-    while j < len(body) and body[j] in _WS:
-        j += 1
-    if body[j:j + 1] != b":":
+    m = _USAGE_AT.match(body, i)
+    if m is None:
         return None
-    j += 1
-    while j < len(body) and body[j] in _WS:
-        j += 1
+    j = m.end()
     try:
         obj, _ = _DECODER.raw_decode(body[j:j + 4096].decode("utf-8", "replace"))
     except (ValueError, RecursionError):

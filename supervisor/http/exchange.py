@@ -337,7 +337,10 @@ class Exchange(InFlight):
             pool.put(conn)
             conn = None
             self.record()
-            return JobResult(status=self.status, content_type=ctype, body=b"".join(chunks))
+            body = b"".join(chunks)
+            if call.charge is not None:
+                call.charge.begin(self.status, ctype.encode("latin-1") if ctype else None).feed(body)
+            return JobResult(status=self.status, content_type=ctype, body=body)
         finally:
             if conn is not None:
                 conn.abort()  # cancelled (DELETE /jobs/{id}) or failed: closing tells the worker to stop

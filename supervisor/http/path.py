@@ -158,10 +158,15 @@ class RequestPath:
         call = Call(rid, time.monotonic(), req.method, "", self.planner.default_level)
         try:
             call = self.planner.job_call(req, rid, time.time())
+            if self.budgets.active:
+                self.budgets.charge_job(call)
             self.admission.admit(call)
             result = await self.dispatcher.dispatch(call, lambda ex: ex.result(req, max_result_bytes))
         except Rejected as r:
             self._observe(call, ERROR_TYPES[r.etype][0])
             raise JobFailed(r.etype, r.message) from None
+        finally:
+            if call.charge is not None:
+                await self.budgets.settle(call.charge, call.model)
         self._observe(call, result.status)
         return result

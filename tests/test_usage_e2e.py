@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from openai import AsyncOpenAI
 
-from tests.harness import PYTHON, REPO_ROOT, fast_config
+from tests.harness import PYTHON, REPO_ROOT, fast_config, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -69,9 +69,9 @@ async def traffic(sup, key: str, n: int) -> dict[str, list[int]]:
     return seen
 
 
-async def get_usage(sup, token: str | None = TOKEN, **query: str) -> tuple[int, dict]:
+async def get_usage(sup, token: str | None = TOKEN, base: str | None = None, **query: str) -> tuple[int, dict]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as s, s.get(f"{sup.url}/usage", params=query, headers=headers) as r:
+    async with aiohttp.ClientSession() as s, s.get(f"{base or sup.url}/usage", params=query, headers=headers) as r:
         return r.status, await r.json()
 
 
@@ -139,24 +139,40 @@ async def test_usage_totals_equal_the_answers_usage_for_each_key(supervisor_fact
     assert json.loads(out)["total"] == totals(bob)
 
 
-async def test_usage_refuses_bad_questions_with_a_reason(supervisor_factory, tmp_path: Path) -> None:
-    sup = await supervisor_factory(config(tmp_path, "memory"))
-    status, body = await get_usage(sup, token=None, key="alice")
+async def test_usage_refuses_bad_questions_with_a_reason_on_the_admin_listener(supervisor_factory,
+                                                                              tmp_path: Path) -> None:
+    cfg = config(tmp_path, "memory")
+    cfg["admin"]["listen"] = {"host": "127.0.0.1", "port": 0}
+    sup = await supervisor_factory(cfg, wait_ready=False)      # (/readyz is on the admin listener)
+    admin = f"http://127.0.0.1:{sup.admin_port}"
+
+    async def ready() -> bool:
+        async with aiohttp.ClientSession() as s, s.get(f"{admin}/readyz") as r:
+            return r.status == 200
+
+    await wait_until(ready, 20, "admin /readyz 200")
+    async with aiohttp.ClientSession() as s, s.get(f"{sup.url}/usage?key=alice") as r:
+        assert r.status == 404 and "rows" not in await r.text()   # the main port proxies it to the worker
+    status, body = await get_usage(sup, token=None, base=admin, key="alice")
     assert status == 401 and body["error"]["type"] == "unauthorized"
+    status, body = await get_usage(sup, base=admin, key="alice")
+    assert status == 200 and body["total"]["requests"] == 0
     for query, says in (({}, "key is required"), ({"key": "a", "group_by": "week"}, "group_by='week'"),
                         ({"key": "a", "since": "yesterday"}, "since='yesterday' is not a number"),
                         ({"key": "a", "since": "-5"}, "since='-5'"), ({"key": "a", "page": "2"}, "'page'")):
-        status, body = await get_usage(sup, **query)
+        status, body = await get_usage(sup, base=admin, **query)
         assert status == 400, (query, body)
         assert body["error"]["type"] == "bad_request" and says in body["error"]["message"], body
-    async with aiohttp.ClientSession() as s, s.post(f"{sup.url}/usage?key=a",
+    async with aiohttp.ClientSession() as s, s.post(f"{admin}/usage?key=a",
                                                     headers={"Authorization": f"Bearer {TOKEN}"}) as r:
         assert r.status == 400 and "GET only" in (await r.json())["error"]["message"]
-    rc, out, err = await run_cli("--key", "alice", "--url", sup.url)
+    rc, out, err = await run_cli("--key", "alice", "--url", admin)
     assert rc == 2 and "401 Unauthorized" in err and "--token-file" in err and not out
-    rc, out, err = await run_cli("--key", "alice", "--url", sup.url, "--token-file", str(tmp_path / "admin.token"),
+    rc, out, err = await run_cli("--key", "alice", "--url", admin, "--token-file", str(tmp_path / "admin.token"),
                                  "--since", "last tuesday")
     assert rc == 2 and err.startswith("gpu-supervisor usage: --since 'last tuesday'")
+    rc, out, err = await run_cli("--key", "alice", "--url", sup.url, "--token-file", str(tmp_path / "admin.token"))
+    assert rc == 2 and "HTTP 404" in err                     # not the admin listener
 
 
 async def test_sqlite_usage_survives_a_restart(supervisor_factory, tmp_path: Path) -> None:

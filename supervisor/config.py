@@ -390,6 +390,12 @@ class Clients(_Model):
     retention_s: PosFloat = 604800.0
     """How long usage rows are kept."""
 
+    @classmethod
+    def _problems(cls, data: dict) -> list[str]:
+        if _mapping(data.get("default")).get("name") is not None:
+            return ["default.name: only a client listed under `keys` has a name (unlisted ones are `other`)"]
+        return []
+
 
 class Queue(_Model):
     concurrency: PosInt = 1

@@ -428,3 +428,35 @@ def test_client_metrics_read_as_prometheus_client_s_counters():
         return sorted(x for x in generate_latest(reg).decode().splitlines() if "_created" not in x)
 
     assert lines(ours) == lines(ref)
+
+
+def test_a_reload_changes_limits_and_names_from_the_next_request():
+    b, store, clock, sink, m = budgets("  keys: {a: {tokens_per_minute: 100}}\n")
+    c = call_of("a", chat(0, 90))
+    run(b.charge(c, None))
+    assert c.charge.state.limit_tokens == 100 and c.charge.client.label == "a"
+    b.derive(parse("queue: {fairness: {key: 'header:X-Client-ID'}}\n"
+                   "clients: {keys: {a: {name: team-a, tokens_per_minute: 1000, requests_per_minute: 5}}}"))
+    with pytest.raises(Rejected) as refused:  # 10 tokens left in the bucket, refilled at the new rate
+        run(b.charge(call_of("a", chat(0, 90)), None))
+    assert refused.value.retry_after_s == pytest.approx(80 / (1000 / 60))  # not the old rate's 48 s
+    clock.t += refused.value.retry_after_s + 0.001  # (retry-after-ms rounds up, as here)
+    c2 = call_of("a", chat(0, 90))
+    run(b.charge(c2, None))
+    st_ = c2.charge.state
+    assert (st_.limit_tokens, st_.limit_requests, c2.charge.client.label) == (1000, 5, "team-a")
+
+
+def test_check_config_refuses_bad_clients_sections():
+    from supervisor.config import ConfigError
+
+    for text, where in (("clients: {}\n", "clients"),
+                        ("queue: {fairness: {key: ip}}\nclients: {store: 'postgres://x'}\n", "clients.store"),
+                        ("queue: {fairness: {key: ip}}\nclients: {store: 'redis://h:1/x'}\n", "clients.store"),
+                        ("queue: {fairness: {key: ip}}\nclients: {count: all}\n", "clients.count"),
+                        ("queue: {fairness: {key: ip}}\nclients: {default: {name: x}}\n", "clients.default.name"),
+                        ("queue: {fairness: {key: ip}}\nclients: {keys: {a: {tokens_per_minute: -1}}}\n",
+                         "clients.keys.a.tokens_per_minute")):
+        with pytest.raises(ConfigError) as bad:
+            parse(text)
+        assert any(p.startswith(where) for p in map(str, bad.value.problems)), (text, bad.value.problems)

@@ -98,6 +98,7 @@ class Supervisor:
         if self.jobs is not None:
             await self.jobs.aclose(grace_s=0.0)
         await self.pressure.aclose()
+        await self.path.budgets.aclose()
         await self.scrapers.aclose()
         await self.fleet.aclose()
         await self.tracing.aclose()  # last: the spans of what the above ended are sent (within a bound)

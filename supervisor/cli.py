@@ -1,4 +1,4 @@
-"""Command line: `gpu-supervisor run --config FILE` and `gpu-supervisor check-config FILE`."""
+"""Command line: `gpu-supervisor run --config FILE`, `check-config FILE`, `status`, `usage`, `schema`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from . import __version__, logs, status_cli
+from . import __version__, logs, status_cli, usage_cli
 from . import config as cfg
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a command that SIGPIPE ended
@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a policy file and print the effective config")
     c.add_argument("file")
     status_cli.add_parser(sub)
+    usage_cli.add_parser(sub)
     sub.add_parser("schema", help="print the JSON Schema of the policy file")
     return p
 
@@ -66,7 +67,8 @@ def _printing(command: Callable[[argparse.Namespace], int], args: argparse.Names
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # (argparse itself ignores a closed stdout for --help)
-    printing = {"status": status_cli.main, "schema": _schema, "check-config": _check_config}
+    printing = {"status": status_cli.main, "usage": usage_cli.main, "schema": _schema,
+                "check-config": _check_config}
     if args.cmd in printing:
         return _printing(printing[args.cmd], args)
 

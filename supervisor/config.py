@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -341,6 +342,61 @@ class Fairness(_Model):
         return []
 
 
+class ClientBudget(_Model):
+    """One client's budget (see supervisor/budgets/); 0 = unlimited."""
+
+    tokens_per_minute: NonNegInt = 0
+    """Tokens (as `clients.count` counts them) per minute, refilled continuously; past it 429 rate_limited."""
+    requests_per_minute: NonNegInt = 0
+    """Requests per minute, refilled continuously; past it 429 rate_limited."""
+    max_parallel: NonNegInt = 0
+    """Requests of this client queued or running at once, per daemon; past it 429 rate_limited."""
+    name: str | None = None
+    """Under `keys`: the client's name in metrics and logs (default: the key value itself; set one when
+    the key is a secret, such as an Authorization value)."""
+
+
+def _store_url(v: str) -> str:
+    if v == "memory":
+        return v
+    if v.startswith("sqlite:///"):
+        if len(v) == len("sqlite:///"):
+            raise ValueError("sqlite:///PATH needs a path")
+        return v
+    if v.startswith(("redis://", "rediss://")):
+        try:
+            u = urlsplit(v)
+            port_ok = u.port is None or u.port > 0
+        except ValueError as exc:
+            raise ValueError(f"{v!r}: {exc}") from None
+        db = u.path.strip("/")
+        if not u.hostname or not port_ok or (db and not db.isdigit()):
+            raise ValueError(f"{v!r}: use redis://HOST:PORT/DB (DB a number)")
+        return v
+    raise ValueError(f"{v!r}: use memory, sqlite:///PATH or redis://HOST:PORT/DB")
+
+
+class Clients(_Model):
+    """Client budgets in tokens and requests, and the usage record (see supervisor/budgets/)."""
+
+    default: ClientBudget = ClientBudget()
+    """The budget of a client not named in `keys`."""
+    keys: dict[str, ClientBudget] = {}
+    """Budgets by the clear value of queue.fairness.key (hashed before it is stored); the names label metrics."""
+    count: Literal["total", "output", "input"] = "total"
+    """Which tokens a budget counts: total | output | input."""
+    store: Annotated[str, AfterValidator(_store_url)] = "memory"
+    """Where budgets and usage live: memory | sqlite:///PATH | redis://HOST:PORT/DB (shared by daemons)."""
+    retention_s: PosFloat = 604800.0
+    """How long usage rows are kept."""
+
+    @classmethod
+    def _problems(cls, data: dict) -> list[str]:
+        if _mapping(data.get("default")).get("name") is not None:
+            return ["default.name: only a client listed under `keys` has a name (unlisted ones are `other`)"]
+        return []
+
+
 class Queue(_Model):
     concurrency: PosInt = 1
     """Slots of the `default` pool: requests at the worker at once."""
@@ -662,6 +718,8 @@ class Settings(_Model):
     """Async jobs (Prefer: respond-async) and their store."""
     tracing: Tracing = Tracing()
     """OpenTelemetry traces over OTLP/HTTP (off unless `endpoint` is set)."""
+    clients: Clients | None = None
+    """Client budgets and usage (needs queue.fairness.key); null: none."""
 
     @model_validator(mode="before")
     @classmethod
@@ -777,6 +835,8 @@ def _cross_problems(data: dict) -> list[str]:
         shed = _mapping(actions.get(lvl)).get("shed_below", action.model_fields["shed_below"].default)
         if isinstance(shed, str) and prios is not None and shed not in prios:
             problems.append(f"gpu.actions.{lvl}.shed_below: {shed!r} is not one of {prios}")
+    if data.get("clients") is not None and _mapping(queue.get("fairness")).get("key") is None:
+        problems.append("clients: needs queue.fairness.key (who a client is: 'header:<Name>' or 'ip')")
     admin_listen = _mapping(data.get("admin")).get("listen")
     if admin_listen is not None:
         ours, main = _validated(Listen, admin_listen), _validated(Listen, data.get("listen"))

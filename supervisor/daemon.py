@@ -28,6 +28,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import config as cfg
 from . import leftovers, logs, ui
 from .app import Supervisor
+from .budgets import usage_api
+from .budgets.usage import UsageLog, UsageUnavailable
 from .errors import error_response
 from .fairness import client_key
 from .fleet.process import MAX_SOCKET_PATH
@@ -44,7 +46,7 @@ from .states import SERVING_STATES
 
 log = structlog.get_logger("supervisor.daemon")
 
-ADMIN_PATHS = ("/healthz", "/readyz", "/status", "/metrics") + ui.PATHS
+ADMIN_PATHS = ("/healthz", "/readyz", "/status", "/metrics", "/usage") + ui.PATHS
 # On the way out, after the drain (or its abandonment) every held request has its answer; this is
 # only for writing those answers to slow clients before their connections are cut.
 HANDLER_GRACE_S = 2.0
@@ -93,6 +95,7 @@ class Daemon:
         self.bound: list[tuple[str, int]] = []
         self._token: bytes | None = None
         self.samples = ui.SampleRing()  # what /ui charts: bounded, filled by the ui-sampler task
+        self.usage: UsageLog | None = None  # every answered request's usage, with `clients` configured
 
     # -- endpoints -----------------------------------------------------------------------------
     def _authorized(self, request: Request) -> bool:
@@ -111,7 +114,7 @@ class Daemon:
                       token_required=self._token is not None)
 
     async def admin(self, request: Request) -> web.StreamResponse:
-        resp = self._admin(request)
+        resp = await self._usage(request) if request.path == "/usage" else self._admin(request)
         degraded = self.sup.degraded() if self.sup else None
         if degraded:
             resp.headers["X-Degraded"] = degraded  # every answer says so, the daemon's own included
@@ -137,6 +140,13 @@ class Daemon:
             return web.Response(body=json.dumps(sup.status(), indent=1).encode(), content_type="application/json")
         return web.Response(body=generate_latest(sup.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _usage(self, request: Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return error_response("unauthorized", "/usage needs Authorization: Bearer <admin.token_file token>",
+                                  None, headers={"WWW-Authenticate": "Bearer"})
+        assert self.sup is not None
+        return await usage_api.respond(request, self.usage, self.sup.settings.queue.fairness)
 
     def _load_token(self) -> None:
         tf = self.loaded.settings.admin.token_file
@@ -183,6 +193,12 @@ class Daemon:
             log.error("jobs_store_unusable", error=str(exc),
                       hint="move the file aside (jobs are lost) or set jobs.store to another path")
             return 1
+        try:
+            self.usage = sup.path.budgets.sink = await usage_api.open_usage(
+                s.clients, resolve_state_dir(s.state_dir, state_env))
+        except UsageUnavailable as exc:
+            log.error("usage_store_unusable", error=str(exc), hint="move the file aside or set clients.store")
+            return 1
         jobs_api = JobsApi(sup.jobs, self._jobs_caller)
         pids_path = leftovers.pid_file(resolve_state_dir(s.state_dir, state_env), self.loaded.source)
         # what a killed predecessor on this config left is stopped (and gone) before our workers start
@@ -220,6 +236,7 @@ class Daemon:
         servers: list[HttpServer] = []
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task] = []
+        usage_task = asyncio.create_task(self.usage.run(), name="usage") if self.usage is not None else None
         fleet_started = False
         try:
             await guard.start()  # if we are killed, it stops our workers' trees at once
@@ -280,6 +297,11 @@ class Daemon:
                     await t
             for server in reversed(servers):
                 await server.close(HANDLER_GRACE_S)
+            if usage_task is not None:  # every request is answered (and recorded) by now: the last flush
+                usage_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await usage_task
+                await self.usage.aclose()
             if made:
                 with contextlib.suppress(OSError):
                     for f in runtime_dir.iterdir():
@@ -432,6 +454,11 @@ class Daemon:
         old = self.loaded.settings
         if new.settings.listen != old.listen or new.settings.admin.listen != old.admin.listen:
             log.warning("config_reload_listen_ignored", reason="a new listen address needs a restart")
+        clients = new.settings.clients
+        if self.usage is not None and clients is not None:  # (the usage log's store is the one it started with)
+            if old.clients is not None and clients.store != old.clients.store:
+                log.warning("config_reload_usage_store_ignored", reason="a new clients.store needs a restart")
+            self.usage.retention_s = clients.retention_s
         if new.settings.logging != old.logging:
             logs.configure(new.settings.logging.format, new.settings.logging.level)
         self.loaded = new

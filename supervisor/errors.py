@@ -14,6 +14,7 @@ ERROR_TYPES: dict[str, tuple[int, bool]] = {
     "unauthorized": (401, False),
     "payload_too_large": (413, False),
     "queue_full": (429, True),
+    "rate_limited": (429, True),
     "overloaded": (503, True),
     "circuit_open": (503, True),
     "queue_timeout": (503, True),
@@ -24,6 +25,7 @@ ERROR_TYPES: dict[str, tuple[int, bool]] = {
     "model_not_found": (404, False),
     "timeout": (504, False),
     "jobs_unavailable": (503, True),
+    "usage_unavailable": (503, True),
     "not_found": (404, False),
     "conflict": (422, False),
 }

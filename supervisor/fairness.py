@@ -56,6 +56,11 @@ def client_key(fairness: Fairness, headers: Mapping[str, str], peer: str | None)
     return hash_key(value) if value else ANONYMOUS
 
 
+def configured_key(fairness: Fairness, name: str) -> str:
+    """The hashed key of a clear value named in the config (a weight, a client budget)."""
+    return hash_key(_peer_value(name) if fairness.key == "ip" else name)
+
+
 def weight_table(fairness: Fairness) -> dict[str, float]:
     """Configured weights by hashed key, the form the queue sees; keys not named weigh 1."""
-    return {hash_key(_peer_value(name) if fairness.key == "ip" else name): w for name, w in fairness.weights.items()}
+    return {configured_key(fairness, name): w for name, w in fairness.weights.items()}

@@ -25,7 +25,7 @@ P = "gpu_supervisor_"
 LONG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 REJECT_REASONS = ("queue_full", "overloaded", "circuit_open", "queue_timeout", "worker_unavailable",
                   "shutting_down", "bad_request", "payload_too_large", "unauthorized", "model_not_found",
-                  "jobs_unavailable")
+                  "jobs_unavailable", "rate_limited")
 
 
 class Metrics:
@@ -58,6 +58,8 @@ class Metrics:
                                   registry=r)
         self.trace_export_errors = Counter(P + "trace_export_errors", "Span exports that failed (the collector "
                                            "down or refusing them); their spans are dropped.", registry=r)
+        self.budget_store_errors = Counter(P + "budget_store_errors", "Budget store calls that failed (budgets "
+                                           "then fail open: the request is admitted).", registry=r)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for kind in PROTOCOL_ERROR_KINDS:
@@ -65,6 +67,9 @@ class Metrics:
         self.observe_request = self.per_request.observe_request
         self.observe_wait = self.per_request.observe_wait
         self.observe_decision = self.per_request.observe_decision
+        self.clients = ClientMetrics()
+        r.register(self.clients)
+        self.client_count = self.clients.count
 
     def requests_total(self) -> int:
         """Requests answered so far, all labels together."""
@@ -167,6 +172,40 @@ class RequestMetrics(Collector):
         yield Metric(P + "routing_decisions", "", "counter")
         yield Metric(P + "request_duration_seconds", "", "histogram")
         yield Metric(P + "queue_wait_seconds", "", "histogram")
+
+
+class ClientMetrics(Collector):
+    """gpu_supervisor_client_tokens_total{client,kind} and _client_rate_limited_total{client} (client budgets),
+    counted in plain counts on the event loop and exposed as prometheus_client's Counter would."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], _Count] = {}  # (client, kind) -> count; kind "" is rate_limited
+
+    def count(self, client: str, kind: str | None) -> _Count:
+        """The count of client_tokens_total{client, kind} (kind input or output), or of
+        client_rate_limited_total{client} (kind None); the caller keeps it and adds to `n`."""
+        k = (client, kind or "")
+        c = self.counts.get(k)
+        if c is None:
+            c = self.counts[k] = _Count()
+        return c
+
+    def collect(self) -> Iterator[Metric]:
+        tokens = Metric(P + "client_tokens", "Tokens of answered requests by client (a name listed under "
+                        "clients.keys, else other) and kind (input, output).", "counter")
+        limited = Metric(P + "client_rate_limited", "Requests refused 429 rate_limited, by client (a name listed "
+                         "under clients.keys, else other).", "counter")
+        for (client, kind), c in list(self.counts.items()):
+            m, name, labels = (tokens, "client_tokens", {"client": client, "kind": kind}) if kind \
+                else (limited, "client_rate_limited", {"client": client})
+            m.add_sample(P + name + "_total", labels, c.n)
+            m.add_sample(P + name + "_created", labels, c.created)
+        yield tokens
+        yield limited
+
+    def describe(self) -> Iterator[Metric]:
+        yield Metric(P + "client_tokens", "", "counter")
+        yield Metric(P + "client_rate_limited", "", "counter")
 
 
 class StateCollector(Collector):

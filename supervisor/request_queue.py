@@ -23,9 +23,9 @@ WAITING, GRANTED, CANCELLED, DONE = 0, 1, 2, 3
 
 
 class Ticket:
-    __slots__ = ("level", "pool", "gpu_mb", "enqueued_at", "future", "state", "key", "flow")
+    __slots__ = ("level", "pool", "gpu_mb", "enqueued_at", "future", "state", "key", "flow", "cost")
 
-    def __init__(self, level: int, pool: Pool, gpu_mb: int, now: float, key: str | None = None):
+    def __init__(self, level: int, pool: Pool, gpu_mb: int, now: float, key: str | None = None, cost: float = 1.0):
         self.level = level
         self.pool = pool
         self.gpu_mb = gpu_mb
@@ -34,6 +34,7 @@ class Ticket:
         self.state = WAITING
         self.key = key  # the client's hashed key (supervisor.fairness), None with fairness off
         self.flow: Flow | None = None  # its key's FIFO while it waits in a FairLevel (None: retried, first)
+        self.cost = cost  # what a grant takes from its key's deficit: 1, or its token estimate with budgets on
 
 
 class Flow:
@@ -43,7 +44,7 @@ class Flow:
 
     def __init__(self, key: str, quantum: float):
         self.key = key
-        self.quantum = quantum  # >= 1: a turn always grants at least one request
+        self.quantum = quantum  # >= 1: a turn always grants at least one request of cost 1
         self.tickets: deque[Ticket] = deque()
         self.live = 0  # WAITING tickets (the deque also holds cancelled ones)
         self.deficit = 0.0
@@ -144,10 +145,10 @@ class FairLevel:
             if not f.credited:
                 f.credited = True
                 f.deficit += f.quantum
-            if f.deficit >= 1.0:
-                dq = f.tickets
-                while dq[0].state != WAITING:
-                    dq.popleft()
+            dq = f.tickets
+            while dq[0].state != WAITING:
+                dq.popleft()
+            if f.deficit >= dq[0].cost:
                 return dq[0]
             f.credited = False  # its turn is over: to the tail
             ring.rotate(-1)
@@ -165,7 +166,7 @@ class FairLevel:
         t.flow = None
         f.tickets.popleft()
         f.live -= 1
-        f.deficit -= 1.0
+        f.deficit -= t.cost
         if not f.live:
             self._retire(f)
             self.ring.popleft()
@@ -280,7 +281,7 @@ class RequestQueue:
             raise QueueFull("total")
 
     def acquire(self, level: int, pool: str, now: float, gpu_mb: int = 0, front: bool = False,
-                key: str | None = None) -> Ticket:
+                key: str | None = None, cost: float = 1.0) -> Ticket:
         """A ticket that is GRANTED at once when a slot is free, else WAITING with a future.
 
         `front` puts a retried request at the head of its level and skips the bounds: it was
@@ -290,7 +291,7 @@ class RequestQueue:
         p = self.pools[pool]
         if key is None and self._fair:
             key = ANONYMOUS
-        t = Ticket(level, p, gpu_mb, now, key)
+        t = Ticket(level, p, gpu_mb, now, key, cost)
         if self.open and p.waiting == 0 and p.in_use < p.slots and self._fits(gpu_mb):
             t.state = GRANTED
             p.in_use += 1

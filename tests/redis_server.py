@@ -15,21 +15,29 @@ REDIS_SERVER = shutil.which("redis-server")
 
 
 class RedisServer:
-    """`redis-server --port 0 --unixsocket PATH --save "" --appendonly no`; the socket survives restarts."""
+    """`redis-server --port 0 --unixsocket PATH --save "" --appendonly no`; the socket survives restarts.
+    With `port`, it listens on 127.0.0.1:port too (for configs that take redis://HOST:PORT/DB only)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, port: int = 0):
         self.dir = directory
         self.socket = str(directory / "redis.sock")
+        self.port = port
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket}?db=0"
 
+    @property
+    def tcp_url(self) -> str:
+        assert self.port, "started without a TCP port"
+        return f"redis://127.0.0.1:{self.port}/0"
+
     async def start(self, timeout: float = 10.0) -> None:
         assert REDIS_SERVER
         self.proc = await asyncio.create_subprocess_exec(
-            REDIS_SERVER, "--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700",
+            REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--unixsocket", self.socket,
+            "--unixsocketperm", "700",
             "--save", "", "--appendonly", "no", "--dir", str(self.dir),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
         )

@@ -13,6 +13,7 @@ from ..errors import Rejected
 from ..fairness import client_key
 
 if TYPE_CHECKING:
+    from ..budgets.core import Charge
     from ..config import Route, Settings
     from ..fleet import Fleet, WorkerGroup
     from ..jobs.model import JobRequest
@@ -26,7 +27,8 @@ class Call:
 
     __slots__ = ("rid", "t0", "method", "path", "level", "route", "group", "pool", "gpu_mb", "queue_limit",
                  "deadline", "body", "retry_ok", "max_attempts", "attempt", "queued_s", "hangs", "client",
-                 "worker_label", "model", "continue_sent", "peer", "session", "blocks", "affinity_read", "trace")
+                 "worker_label", "model", "continue_sent", "peer", "session", "blocks", "affinity_read", "trace",
+                 "charge", "cost")
 
     def __init__(self, rid: str, t0: float, method: str, path: str, level: int):
         self.rid = rid
@@ -55,6 +57,8 @@ class Call:
         self.blocks: list[bytes] | None = None  # prefix affinity: the prompt's chain-hashed blocks
         self.affinity_read = False  # the body was read for the above
         self.trace: Trace | None = None  # its spans, when tracing is on
+        self.charge: Charge | None = None  # its client's budget (supervisor.budgets), when clients are configured
+        self.cost = 1.0  # what fairness (DRR) charges it: 1 a request, or its estimate with budgets on
 
 
 def body_model(body: bytes) -> str | None:

@@ -106,7 +106,8 @@ class Dispatcher:
         if not g.started():
             self.fleet.wake(g)  # on demand: the first request starts it
         try:
-            ticket = g.queue.acquire(call.level, call.pool, time.monotonic(), call.gpu_mb, front, key=call.client)
+            ticket = g.queue.acquire(call.level, call.pool, time.monotonic(), call.gpu_mb, front, key=call.client,
+                                     cost=call.cost)
         except QueueFull as full:
             raise queue_full(g, full, call, self.planner.level_names[call.level]) from None
         if ticket.state == GRANTED:

@@ -196,6 +196,9 @@ class Exchange(InFlight):
             self.status = conn.status
             replica = self.replica
             headers = response_headers(conn.headers, call, replica.degraded, names, replica.tag)
+            charge = call.charge
+            if charge is not None:
+                charge.add_headers(headers, names)
             first: list[bytes] = []
             buffer_bytes = self.wire.limits.buffer_bytes
             if not conn.complete and call.method != "HEAD" and sized(conn.content_length, buffer_bytes):
@@ -205,7 +208,10 @@ class Exchange(InFlight):
                 if done:
                     pool.put(conn)
                     self.record()
-                    responder.send_now(conn.status, headers, b"".join(first))
+                    data = b"".join(first)
+                    if charge is not None:
+                        charge.begin(conn.status, header_value(conn.headers, b"content-type")).feed(data)
+                    responder.send_now(conn.status, headers, data)
                     return conn.status
             if not conn.complete:
                 return await self.relay(request, responder, headers, first)
@@ -216,6 +222,8 @@ class Exchange(InFlight):
                 conn.abort()  # the client left or time ran out: closing tells the worker to stop
             raise
         self.record()
+        if charge is not None:
+            charge.begin(status, header_value(conn.headers, b"content-type")).feed(data)
         if call.method == "HEAD":
             await responder.start(status, headers, int(cl) if cl is not None and cl.isdigit() else None)
             await responder.end()
@@ -232,7 +240,9 @@ class Exchange(InFlight):
         call = self.call
         tm = self.tm
         cl = conn.content_length
-        sse = (header_value(conn.headers, b"content-type") or b"").startswith(b"text/event-stream")
+        ctype = header_value(conn.headers, b"content-type")
+        sse = (ctype or b"").startswith(b"text/event-stream")
+        meter = call.charge.begin(conn.status, ctype) if call.charge is not None else None
         await responder.start(conn.status, headers, int(cl) if cl is not None and cl.isdigit() else None)
         lim = self.wire.limits
         spool = ResponseSpool(max(lim.buffer_bytes, STREAM_CHUNK), lim.spool_dir or tempfile.gettempdir(),
@@ -242,6 +252,8 @@ class Exchange(InFlight):
         client_timeout = lim.client_timeout_s
         try:
             async for chunk in spool.chunks():
+                if meter is not None:
+                    meter.feed(chunk)
                 try:
                     async with asyncio.timeout(client_timeout):
                         await responder.write(chunk)
@@ -325,7 +337,10 @@ class Exchange(InFlight):
             pool.put(conn)
             conn = None
             self.record()
-            return JobResult(status=self.status, content_type=ctype, body=b"".join(chunks))
+            body = b"".join(chunks)
+            if call.charge is not None:
+                call.charge.begin(self.status, ctype.encode("latin-1") if ctype else None).feed(body)
+            return JobResult(status=self.status, content_type=ctype, body=body)
         finally:
             if conn is not None:
                 conn.abort()  # cancelled (DELETE /jobs/{id}) or failed: closing tells the worker to stop

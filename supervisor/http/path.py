@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from ..budgets.core import Budgets
 from ..errors import ERROR_TYPES, Rejected
 from ..jobs.api import wants_async
 from ..jobs.model import JobFailed, JobRequest, JobResult
@@ -50,6 +51,7 @@ class RequestPath:
         self.wire = Wire(settings, run.slot_free)
         self.admission = Admission(settings, fleet, metrics, pressure, run, self.planner)
         self.dispatcher = Dispatcher(fleet, metrics, pressure, run, self.planner, self.wire)
+        self.budgets = Budgets(settings, metrics)
         self.settings = settings
         self.tracer: Tracer | None = None  # set by the supervisor's Tracing while tracing is on
 
@@ -58,6 +60,7 @@ class RequestPath:
         self.planner.derive(s)
         self.wire.derive(s)
         self.admission.derive(s)
+        self.budgets.derive(s)
 
     def models_changed(self) -> None:
         """What the fleet serves changed (discovery): whether routing reads the body's `model`."""
@@ -94,6 +97,8 @@ class RequestPath:
                 if call.trace is not None:
                     call.trace.error = r.etype
                 parts = admission.reject(r, call.rid)
+                if call.charge is not None:
+                    call.charge.error_headers(parts[1])
                 if responder.started:  # (an answer under way cannot become an error any more: cut it)
                     request.close()
                     status = parts[0]
@@ -111,7 +116,11 @@ class RequestPath:
                                 **(call.trace.log_fields() if call.trace is not None else {}))
             return status
         finally:
-            run.request_done()
+            try:
+                if call.charge is not None:  # settled (or refunded) once, whatever happened
+                    await self.budgets.settle(call.charge, call.model)
+            finally:
+                run.request_done()
 
     async def _serve(self, request: Request, responder: Responder, call: Call) -> int:
         """Route, admit, take the body (what does not need to wait is done without awaiting), dispatch."""
@@ -129,6 +138,8 @@ class RequestPath:
                 await admission.take_body(request, call)
             else:
                 call.body = b""
+        if self.budgets.active:
+            await self.budgets.charge(call, request.content_length)
         return await self.dispatcher.dispatch(call, lambda ex: ex.answer(request, responder))
 
     def _observe(self, call: Call, code: int) -> None:
@@ -158,6 +169,8 @@ class RequestPath:
         try:
             call = self.planner.job_call(req, rid, time.time())
             call.trace = trace
+            if self.budgets.active:
+                self.budgets.charge_job(call)
             self.admission.admit(call)
             result = await self.dispatcher.dispatch(call, lambda ex: ex.result(req, max_result_bytes))
         except Rejected as r:
@@ -165,5 +178,8 @@ class RequestPath:
                 trace.error = r.etype
             self._observe(call, ERROR_TYPES[r.etype][0])
             raise JobFailed(r.etype, r.message) from None
+        finally:
+            if call.charge is not None:
+                await self.budgets.settle(call.charge, call.model)
         self._observe(call, result.status)
         return result

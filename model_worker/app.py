@@ -30,6 +30,7 @@ from model_worker.inference import (
 from model_worker.model_dir import MINILM_ALIASES
 from model_worker.openai_api import ApiError, ChunkWriter, chat_body, completion_body, error_body, new_id, sse_error
 from model_worker.settings import MINILM, WorkerSettings
+from model_worker.sleep import SleepControl, parse_level
 from model_worker.validation import (
     GenerationRequest,
     parse_chat,
@@ -68,6 +69,7 @@ ENGINE = web.AppKey("engine", Engine)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 STATS = web.AppKey("stats", WorkerStats)
 SERVED_NAMES = web.AppKey("served_names", tuple)
+SLEEP = web.AppKey("sleep", SleepControl)
 
 
 def served_names(settings: WorkerSettings) -> tuple[str, ...]:
@@ -87,6 +89,9 @@ def make_app(settings: WorkerSettings, engine: Engine) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/memory", memory_figures)
     app.router.add_post("/cleanup", cleanup)
+    app.router.add_post("/sleep", sleep)
+    app.router.add_post("/wake_up", wake_up)
+    app.router.add_get("/is_sleeping", is_sleeping)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/v1/completions", completions)
@@ -96,10 +101,13 @@ def make_app(settings: WorkerSettings, engine: Engine) -> web.Application:
 
 
 async def _inference_thread(app: web.Application) -> AsyncIterator[None]:
-    """The one thread every forward pass runs on; shut down after the last request has finished."""
+    """The one thread every forward pass (and every move of the weights) runs on, with the sleep
+    control that moves them; shut down after the last request and move have finished."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     app[EXECUTOR] = executor
+    app[SLEEP] = SleepControl(app[ENGINE], executor)
     yield
+    await app[SLEEP].close()
     await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
 
 
@@ -146,17 +154,18 @@ def _failure(app: web.Application, error: BaseException) -> ApiError:
 
 @contextmanager
 def _admitted(app: web.Application) -> Iterator[None]:
-    """Bound the requests admitted at once (running plus waiting for the inference thread)."""
+    """Bound the requests admitted at once (running plus waiting for the inference thread); none while asleep."""
     stats = app[STATS]
-    if stats.requests_inflight >= app[SETTINGS].max_pending:
-        stats.requests_rejected += 1
-        raise ApiError(429, f"The worker already holds {stats.requests_inflight} requests; retry shortly.",
-                       type="server_error", code="queue_full", headers={"Retry-After": "1"})
-    stats.requests_inflight += 1
-    try:
-        yield
-    finally:
-        stats.requests_inflight -= 1
+    with app[SLEEP].serving():
+        if stats.requests_inflight >= app[SETTINGS].max_pending:
+            stats.requests_rejected += 1
+            raise ApiError(429, f"The worker already holds {stats.requests_inflight} requests; retry shortly.",
+                           type="server_error", code="queue_full", headers={"Retry-After": "1"})
+        stats.requests_inflight += 1
+        try:
+            yield
+        finally:
+            stats.requests_inflight -= 1
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -186,6 +195,8 @@ async def healthz(request: web.Request) -> web.Response:
         "context_length": loaded.context_length,
         "system_fingerprint": loaded.fingerprint,
         "uptime_s": round(time.monotonic() - stats.started_monotonic, 3),
+        "sleeping": app[SLEEP].sleeping,
+        "sleep_level": app[SLEEP].level,
         **stats.counters(),
     })
 
@@ -200,6 +211,21 @@ async def cleanup(request: web.Request) -> web.Response:
     figures = await asyncio.to_thread(memory.cleanup, device)
     log.info("cleanup", rss_before=figures["before"]["rss_bytes"], rss_after=figures["after"]["rss_bytes"])
     return web.json_response(figures)
+
+
+# ---- sleep mode (vLLM's endpoints) -----------------------------------------------------------
+
+async def sleep(request: web.Request) -> web.Response:
+    level = parse_level(request.query.get("level"))
+    return web.json_response(await request.app[SLEEP].sleep(level))
+
+
+async def wake_up(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[SLEEP].wake())
+
+
+async def is_sleeping(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SLEEP].status())
 
 
 def _model_card(app: web.Application, name: str) -> dict[str, Any]:

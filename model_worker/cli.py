@@ -63,9 +63,8 @@ async def serve(settings: WorkerSettings, engine: Engine) -> None:
         _remove_socket(path)  # a stale file from a killed worker would make bind fail
         site = web.UnixSite(runner, str(path))
         await site.start()
-        loaded = engine.loaded
-        log.info("listening", socket=str(path), model=loaded.name, task=loaded.task, device=str(loaded.device),
-                 pid=os.getpid())
+        log.info("listening", socket=str(path), model=engine.loaded.name, task=engine.loaded.task,
+                 device=str(engine.loaded.device), pid=os.getpid())
         await stop.wait()
         log.info("stopping", inflight=app[STATS].requests_inflight)
     finally:
@@ -101,8 +100,10 @@ def _run(settings: WorkerSettings) -> int:
     log.info("model_loaded", model=loaded.name, path=str(loaded.path), task=loaded.task, device=str(loaded.device),
              dtype=str(loaded.dtype).removeprefix("torch."), params=loaded.parameters,
              context_length=loaded.context_length, load_seconds=round(loaded.load_seconds, 3))
+    engine = Engine(loaded, settings.fault)
+    del loaded  # the engine alone holds the model, so sleep level 2 can free it
     try:
-        asyncio.run(serve(settings, Engine(loaded, settings.fault)))
+        asyncio.run(serve(settings, engine))
     except OSError as exc:  # the socket cannot be bound (path too long, no such folder, in use)
         log.error("listen_failed", socket=str(settings.socket_path), error=str(exc))
         return EXIT_BOOT_ERROR

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ _FINGERPRINT_READ_BYTES = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    model: Any                       # a transformers PreTrainedModel, in eval mode on `device`
+    model: Any                       # a transformers PreTrainedModel in eval mode on `device`; None at sleep level 2
     tokenizer: Any                   # a transformers tokenizer
     name: str
     path: Path
@@ -134,8 +134,7 @@ def fingerprint(path: Path, task: str, device: torch.device, dtype: torch.dtype,
 def load_model(settings: WorkerSettings, path: Path) -> LoadedModel:
     """Load tokenizer and model once, from the local folder `path`; raise ModelLoadError with the reason."""
     started = time.monotonic()
-    import transformers
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -148,8 +147,7 @@ def load_model(settings: WorkerSettings, path: Path) -> LoadedModel:
                  dtype=str(dtype).removeprefix("torch."),
                  cuda_available=torch.cuda.is_available())
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        auto = AutoModelForCausalLM if task == "generate" else AutoModel
-        model = auto.from_pretrained(path, local_files_only=True, dtype=dtype)
+        model = _read_weights(path, task, dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load {path}: {exc}") from exc
     if device.type == "cuda" and settings.cuda_memory_fraction is not None:
@@ -170,6 +168,32 @@ def load_model(settings: WorkerSettings, path: Path) -> LoadedModel:
         hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0),
         parameters=sum(p.numel() for p in model.parameters()),
         load_seconds=time.monotonic() - started,
-        fingerprint=fingerprint(path, task, device, dtype, {"torch": torch.__version__,
-                                                            "transformers": transformers.__version__}),
+        fingerprint=fingerprint(path, task, device, dtype, _versions()),
     )
+
+
+def _read_weights(path: Path, task: str, dtype: torch.dtype) -> Any:
+    """The model object from `path`'s files, on the CPU (the caller moves it)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if task == "generate" else AutoModel
+    return auto.from_pretrained(path, local_files_only=True, dtype=dtype)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def reload_model(loaded: LoadedModel) -> LoadedModel:
+    """Wake from sleep level 2: read the weights again from the same folder, with the task, dtype and
+    device chosen at start; the fingerprint is taken anew, so a folder changed meanwhile shows."""
+    try:
+        model = _read_weights(loaded.path, loaded.task, loaded.dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot reload {loaded.path}: {exc}") from exc
+    model.to(loaded.device)
+    model.eval()
+    return replace(loaded, model=model,
+                   fingerprint=fingerprint(loaded.path, loaded.task, loaded.device, loaded.dtype, _versions()))

@@ -16,6 +16,7 @@ import structlog
 from .config import LoadedConfig, Settings
 from .errors import Rejected
 from .fleet import ExitInfo, Fleet, ReloadSummary, Replica
+from .fleet.sleep import WOKEN
 from .gpu_watch import Nvml
 from .http import RequestPath
 from .jobs.manager import JobManager
@@ -128,7 +129,11 @@ class Supervisor:
         self.metrics.breaker_transitions.labels(new.value).inc()
 
     def replica_moved(self, r: Replica, old: WorkerState, new: WorkerState, reason: str) -> None:
-        if new is WorkerState.READY and old is WorkerState.STARTING and r.last_start_s is not None:
+        if new is WorkerState.ASLEEP:
+            self.metrics.worker_sleeps.labels(r.worker, reason).inc()
+        elif new is WorkerState.READY and reason == WOKEN and r.last_wake_s is not None:
+            self.metrics.worker_wake.observe(r.last_wake_s)
+        elif new is WorkerState.READY and old is WorkerState.STARTING and r.last_start_s is not None:
             self.metrics.worker_start.observe(r.last_start_s)
 
     def replica_exited(self, r: Replica, info: ExitInfo) -> None:

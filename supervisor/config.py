@@ -240,6 +240,33 @@ class LoadSignals(_Model):
         return self.preset != "none" or any(n is not None for n in (self.waiting, self.running, self.kv_usage))
 
 
+def _endpoint(v: str) -> str:
+    method, _, target = v.partition(" ")
+    if method not in HTTP_METHODS or not target.startswith("/") or " " in target:
+        raise ValueError(f"{v!r}: write it as 'METHOD /path?query', e.g. 'POST /sleep?level=1'")
+    return v
+
+
+Endpoint = Annotated[str, AfterValidator(_endpoint)]
+
+
+class Sleep(_Model):
+    """A worker's sleep mode (vLLM's names): put to sleep instead of stopped, woken instead of started."""
+
+    sleep: Endpoint = "POST /sleep?level=1"
+    """The call that puts it to sleep (vLLM: level 1 keeps the weights in host RAM, level 2 drops them)."""
+    wake: Endpoint = "POST /wake_up"
+    """The call that wakes it (bounded by startup_timeout_s)."""
+    is_sleeping: Endpoint | None = "GET /is_sleeping"
+    """Confirms a sleep or a wake ({"is_sleeping": true|false}); null: trust the 2xx."""
+    gpu_memory_mb: NonNegInt = 0
+    """What it still holds on its GPU while asleep; 0 = learned from NVML once asleep."""
+    host_memory_mb: NonNegInt = 0
+    """Host RAM it holds while asleep; 0 = its RSS."""
+    after_idle_s: NonNegFloat = 0.0
+    """Put an idle replica to sleep after this long; 0 = only to make room."""
+
+
 class WorkerSpec(Worker):
     """One named worker of the fleet: the `worker` keys plus how many replicas, where, and when."""
 
@@ -267,6 +294,8 @@ class WorkerSpec(Worker):
     """Which replica takes a request: least in flight, or session or prefix affinity."""
     load_signals: LoadSignals = LoadSignals()
     """The engine's own load (waiting, running, KV usage) from its Prometheus text."""
+    sleep: Sleep | None = None
+    """Its sleep mode: a cheaper tier than stopping it (DESIGN: Sleeping workers); null: stopped only."""
 
     @classmethod
     def _problems(cls, data: dict) -> list[str]:
@@ -289,7 +318,8 @@ class WorkerSpec(Worker):
         return self.model_copy(update={"gpus": None, "replicas": None, "models": (), "concurrency": None,
                                        "start": "eager", "idle_unload_s": 0.0, "pinned": False,
                                        "min_resident_s": 0.0, "max_starvation_s": 1.0, "gpu_memory_mb": 0,
-                                       "routing": Routing(), "load_signals": LoadSignals()})
+                                       "routing": Routing(), "load_signals": LoadSignals(),
+                                       "sleep": None})
 
     def placements(self, gpus_seen: int | None = None) -> tuple[int | None, ...]:
         """The GPU of each replica (None: no GPU pinned); `auto` takes every GPU NVML sees (at least one
@@ -600,6 +630,8 @@ class Gpu(_Model):
     """{gpu index: MiB} cap per GPU; also describes a GPU where NVML cannot."""
     settle_timeout_s: NonNegFloat = 10.0
     """After a stop, wait this long at most for NVML to show the memory back."""
+    host_reserve_mb: NonNegInt = 2048
+    """Host RAM the ledger never plans to fill with sleeping workers."""
 
 
 class Host(_Model):

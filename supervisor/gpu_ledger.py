@@ -31,10 +31,21 @@ class Resident:
     loaded_at: float = 0.0
     stopping: bool = False      # marked for eviction / being stopped; held until its memory is seen back
     min_resident_s: float | None = None     # its worker's floor; None: the plan's `min_resident_s`
+    can_sleep: bool = False     # its worker has a sleep mode: making room may put it to sleep instead
+    asleep: bool = False        # its process sleeps: it holds `asleep_bytes` only
+    asleep_bytes: int = 0       # what it holds on its GPU while asleep (declared, else learned)
+    sleeping: bool = False      # being put to sleep now: held whole until it is asleep
+    host_bytes: int = 0         # host RAM it holds while asleep (declared, else its RSS)
 
     @property
     def footprint(self) -> int:
-        return max(self.declared_bytes, self.learned_bytes)
+        """What it holds on its GPU now (asleep: what sleeping leaves)."""
+        return self.asleep_bytes if self.asleep else max(self.declared_bytes, self.learned_bytes)
+
+    @property
+    def sleep_frees(self) -> int:
+        """What putting it to sleep would give back on its GPU (0: it cannot sleep, or sleeps already)."""
+        return max(0, self.footprint - self.asleep_bytes) if self.can_sleep and not self.asleep else 0
 
     @property
     def holds(self) -> bool:
@@ -48,8 +59,9 @@ class Resident:
 
 @dataclass(frozen=True)
 class Plan:
-    """What to do about one start. `evict`: stop these (LRU first, reason `evicted`), then wait for the memory
-    to settle and plan again. `drain`: stop routing new requests to these busy replicas (the waiter starved).
+    """What to do about one start. `evict`: stop these (LRU first, reason `evicted`) and put those in `sleep`
+    to sleep (the cheaper tier, where host memory allows), then wait for the memory to settle and plan again.
+    `drain`: stop routing new requests to these busy replicas (the waiter starved).
 
     Reasons: start: unknown_capacity, fits; evict: evict; wait: stopping, settling, min_resident, busy, starved;
     refuse: too_large (above the GPU), pinned (above what pinned replicas leave), foreign (with others' use).
@@ -60,6 +72,7 @@ class Plan:
     evict: tuple[Hashable, ...] = ()
     drain: tuple[Hashable, ...] = ()
     retry_after_s: float | None = None
+    sleep: tuple[Hashable, ...] = ()
 
 
 def capacity_bytes(nvml_total: int | None, budget_mb: int | None, reserve_mb: int) -> int | None:
@@ -103,6 +116,32 @@ class StartAsk:
     waiting_since: float | None = None
     settling: bool = False
     retry_hint_s: float | None = None
+    host_free: int | None = None  # host RAM sleepers may still fill (available - host_reserve_mb); None: unknown
+
+
+def host_allows(host_bytes: int, host_free: int | None) -> bool:
+    """Whether a replica may sleep with `host_bytes` in host RAM: they fit what is free (unknown: yes)."""
+    return host_free is None or host_bytes <= host_free
+
+
+def _take_tiered(candidates: Sequence[Resident], amount: int,
+                 host_free: int | None) -> tuple[tuple[Resident, ...], tuple[Resident, ...]] | None:
+    """The shortest LRU prefix that frees `amount`, each one put to sleep where it can and host memory
+    allows (else stopped): (to sleep, to stop), or None when the prefix never frees enough."""
+    freed = 0
+    sleep: list[Resident] = []
+    stop: list[Resident] = []
+    for r in candidates:
+        if r.sleep_frees > 0 and host_allows(r.host_bytes, host_free):
+            sleep.append(r)
+            freed += r.sleep_frees
+            host_free = None if host_free is None else host_free - r.host_bytes
+        else:
+            stop.append(r)
+            freed += r.footprint
+        if freed >= amount:
+            return tuple(sleep), tuple(stop)
+    return None
 
 
 def plan_start(ask: StartAsk, residents: Iterable[Resident], now: float) -> Plan:
@@ -131,17 +170,22 @@ def plan_start(ask: StartAsk, residents: Iterable[Resident], now: float) -> Plan
     if held_bytes(here, foreign) + need_bytes <= capacity:
         return Plan("start", "fits")
 
-    short = held_bytes(here, foreign) + need_bytes - capacity - sum(r.footprint for r in here if r.stopping)
+    short = (held_bytes(here, foreign) + need_bytes - capacity - sum(r.footprint for r in here if r.stopping)
+             - sum(r.footprint - r.asleep_bytes for r in here if r.sleeping))
     if short <= 0:
         return Plan("wait", "stopping", retry_after_s=DEFAULT_RETRY_S)
     if settling:
         return Plan("wait", "settling", retry_after_s=DEFAULT_RETRY_S)
 
     def free(r: Resident) -> bool:
-        return r.started and not (r.pinned or r.stopping) and r.footprint > 0
+        return r.started and not (r.pinned or r.stopping or r.sleeping) and r.footprint > 0
 
     idle = [r for r in here if free(r) and not r.busy]
     ready = sorted((r for r in idle if now >= r.may_go_at(min_resident_s)), key=lambda r: r.last_used)
+    tiered = _take_tiered(ready, short, ask.host_free)
+    if tiered is not None:
+        sleep, stop = tiered
+        return Plan("evict", "evict", evict=tuple(r.key for r in stop), sleep=tuple(r.key for r in sleep))
     chosen = _take(ready, short)
     if chosen is not None:
         return Plan("evict", "evict", evict=tuple(r.key for r in chosen))
@@ -172,6 +216,7 @@ class GateStep:
     evict: tuple[Hashable, ...] = ()
     drain: tuple[Hashable, ...] = ()
     retry_after_s: float = DEFAULT_RETRY_S
+    sleep: tuple[Hashable, ...] = ()
 
 
 def gate_step(plan: Plan, key: Hashable, first: Hashable | None) -> GateStep:
@@ -181,8 +226,9 @@ def gate_step(plan: Plan, key: Hashable, first: Hashable | None) -> GateStep:
         return GateStep("start", plan.reason)
     if plan.action == "refuse" and plan.reason != "foreign":
         return GateStep("refuse", plan.reason)
-    evict = plan.evict if plan.action == "evict" and first == key else ()
-    return GateStep("wait", plan.reason, evict, plan.drain, plan.retry_after_s or DEFAULT_RETRY_S)
+    mine = plan.action == "evict" and first == key
+    return GateStep("wait", plan.reason, plan.evict if mine else (), plan.drain, plan.retry_after_s or DEFAULT_RETRY_S,
+                    plan.sleep if mine else ())
 
 
 def idle_due(resident: Resident, idle_unload_s: float, now: float) -> bool:
@@ -191,6 +237,14 @@ def idle_due(resident: Resident, idle_unload_s: float, now: float) -> bool:
     if idle_unload_s <= 0 or not resident.started or resident.busy or resident.stopping:
         return False
     return now - resident.last_used >= idle_unload_s
+
+
+def sleep_due(resident: Resident, after_idle_s: float, host_free: int | None, now: float) -> bool:
+    """Whether an awake replica that can sleep has been idle `after_idle_s` (0 = never) and host memory takes
+    it; busy, asleep, stopping or being put to sleep: never."""
+    if after_idle_s <= 0 or not resident.can_sleep or resident.asleep or resident.sleeping:
+        return False
+    return idle_due(resident, after_idle_s, now) and host_allows(resident.host_bytes, host_free)
 
 
 def settled(nvml_used: int | None, target_used: int, stopped_at: float, now: float, settle_timeout_s: float) -> bool:

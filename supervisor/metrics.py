@@ -41,6 +41,11 @@ class Metrics:
                                        ["worker", "replica", "reason"], registry=r)
         self.worker_unloads = Counter(P + "worker_unloads", "Replicas stopped and left unloaded, by worker and reason "
                                       "(idle, evicted).", ["worker", "reason"], registry=r)
+        self.worker_sleeps = Counter(P + "worker_sleeps", "Replicas put to sleep (sleep mode), by worker and reason "
+                                     "(evicted: to make room, idle: sleep.after_idle_s).", ["worker", "reason"],
+                                     registry=r)
+        self.worker_wake = Histogram(P + "worker_wake_seconds", "Time from a sleeping replica's wake (room on its "
+                                     "GPU included) to serving again.", buckets=LONG_BUCKETS, registry=r)
         self.worker_protocol_errors = Counter(P + "worker_protocol_errors", "Worker answers refused as invalid HTTP "
                                               "(bad status, oversized head, bytes past the end of an answer).",
                                               ["kind"], registry=r)

@@ -15,6 +15,7 @@ class WorkerState(enum.Enum):
     BACKOFF = "backoff"
     FAILED = "failed"
     UNLOADED = "unloaded"  # on demand: not started yet, or stopped for idleness or eviction
+    ASLEEP = "asleep"      # its process lives but sleeps (sleep mode): holds little GPU memory, serves nothing
 
 
 class ExitReason(enum.Enum):
@@ -31,11 +32,13 @@ class ExitReason(enum.Enum):
     EVICTED = "evicted"    # stopped to make room on its GPU for another worker
     KILLED = "killed"      # a SIGKILL we did not send, with no sign of an OOM kill
     RETIRED = "retired"    # removed from the fleet by a reload
+    WAKE_FAILURE = "wake_failure"  # asleep, its wake failed or timed out: replaced by a new process
 
 
 # Planned stops do not count towards crash-loop detection.
 PLANNED_EXITS = frozenset({ExitReason.RECYCLE, ExitReason.PRESSURE, ExitReason.RELOAD, ExitReason.SHUTDOWN,
-                           ExitReason.IDLE, ExitReason.EVICTED, ExitReason.RETIRED})
+                           ExitReason.IDLE, ExitReason.EVICTED, ExitReason.RETIRED,
+                           ExitReason.WAKE_FAILURE})
 # Planned stops after which the replica stays down (until a request or a reload brings it back).
 UNLOAD_EXITS = frozenset({ExitReason.IDLE, ExitReason.EVICTED})
 
@@ -44,7 +47,10 @@ WORKER_MOVES: dict[WorkerState, frozenset[WorkerState]] = {
     W.STOPPED: frozenset({W.STARTING, W.UNLOADED}),
     W.UNLOADED: frozenset({W.STARTING, W.STOPPED}),
     W.STARTING: frozenset({W.READY, W.STOPPING, W.BACKOFF, W.FAILED, W.STOPPED, W.UNLOADED}),
-    W.READY: frozenset({W.BUSY, W.DRAINING, W.STOPPING, W.BACKOFF, W.FAILED}),
+    W.READY: frozenset({W.BUSY, W.DRAINING, W.STOPPING, W.BACKOFF, W.FAILED, W.ASLEEP}),
+    # waking is `starting` again (the same process: its lifecycle knows it wakes); a death while asleep is
+    # classified as any other
+    W.ASLEEP: frozenset({W.STARTING, W.STOPPING, W.BACKOFF, W.FAILED, W.STOPPED}),
     W.BUSY: frozenset({W.READY, W.DRAINING, W.STOPPING, W.BACKOFF, W.FAILED}),
     W.DRAINING: frozenset({W.STOPPING, W.BACKOFF, W.FAILED}),
     W.STOPPING: frozenset({W.STARTING, W.BACKOFF, W.FAILED, W.STOPPED, W.UNLOADED}),

@@ -142,6 +142,7 @@ td.num { text-align:right; font-variant-numeric:tabular-nums; }
 .st-starting,.st-draining,.st-stopping,.st-half_open,.st-soft { background:#9a7b12; }
 .st-backoff,.st-hard { background:#a3541a; } .st-failed,.st-open,.st-forced_open,.st-critical { background:#b3261e; }
 .st-stopped,.st-unloaded { background:#4a5260; }
+.st-asleep { background:#3b4f8a; }
 #charts { display:grid; grid-template-columns:repeat(auto-fit, minmax(290px, 1fr)); gap:16px; }
 .chart svg { width:100%; height:150px; display:block; }
 .chart .axis { stroke:var(--line); stroke-width:1; }

@@ -60,7 +60,7 @@ class Fleet:
         self.started = False
         self.retiring: list[Replica] = []
         self._queue_gate: Callable[[int], bool] | None = None  # a route's gpu_memory_mb: may it start now?
-        self.room = GpuRoom(settings, self.replicas)
+        self.room = GpuRoom(settings, self.replicas, self.work_waiting)
         self.gate = RoomGate(self.room, self.find, self._refresh)
         for name, spec in settings.fleet.items():
             self.add_group(name, spec)
@@ -200,7 +200,20 @@ class Fleet:
 
     def _serving_changed(self, r: Replica, old: WorkerState, new: WorkerState, reason: str) -> None:
         g = self.groups.get(r.worker)
-        if new is WorkerState.READY and old is WorkerState.STARTING:
+        if new is not WorkerState.READY:
+            r.room.sleeping = False  # asleep now, or it went another way
+        if new is WorkerState.ASLEEP:
+            r.asleep_since = time.monotonic()
+            if g is not None and g.queue.total > 0:
+                r.lifecycle.wake_up()  # requests came while it was going to sleep
+        elif old is WorkerState.ASLEEP and new is WorkerState.STARTING:
+            r.waking_since = time.monotonic()
+        elif r.waking_since is not None:
+            if new is WorkerState.READY:
+                r.last_wake_s = time.monotonic() - r.waking_since
+                r.last_used = time.monotonic()
+            r.waking_since = None
+        elif new is WorkerState.READY and old is WorkerState.STARTING:
             inc = r.current
             if inc is not None and inc.ready_at is not None:
                 r.last_start_s = inc.ready_at - inc.spawned_at
@@ -266,6 +279,11 @@ class Fleet:
     async def admit(self, r: Replica) -> bool:
         return await self.gate.admit(r)
 
+    def sleep_skipped(self, r: Replica) -> None:
+        r.room.sleeping = False
+        self._refresh(r)
+        self.room.changed()
+
     # -- plans carried out ---------------------------------------------------------------------
     def apply_pressure(self, plan: PressurePlan, reading: Reading) -> None:
         """A reading's readings, caps, pause, cleanups, restarts and recycles (pressure_control plans them)."""
@@ -273,7 +291,11 @@ class Fleet:
             rss, mem = plan.readings.get(r.key, (0, 0))
             r.rss_bytes = rss
             r.gpu_memory_bytes = mem
-            r.gpu_peak_bytes = max(r.gpu_peak_bytes, mem)
+            if r.state is WorkerState.ASLEEP:
+                if r.asleep_since is not None and reading.at > r.asleep_since:
+                    r.asleep_gpu_bytes = mem  # what sleeping leaves (the learned sleep.gpu_memory_mb)
+            else:
+                r.gpu_peak_bytes = max(r.gpu_peak_bytes, mem)
         self.room.on_reading(reading)
         for g in self.groups.values():
             g.queue.pools["default"].cap = plan.cap
@@ -372,9 +394,12 @@ class Fleet:
 
     # -- asked by the request path -------------------------------------------------------------
     def wake(self, g: WorkerGroup) -> None:
-        """The first request for an unloaded worker starts it (once, however many arrive)."""
+        """The first request for an unloaded worker starts it, for a sleeping one wakes it (once, however
+        many arrive)."""
         for r in g.replicas:
-            if self.room.refusal(r) is None:
+            if r.state is WorkerState.ASLEEP:
+                r.lifecycle.wake_up()
+            elif self.room.refusal(r) is None:
                 r.lifecycle.load()
         if all(self.room.refusal(r) is not None for r in g.replicas):
             need = max(self.room.need_bytes(r) for r in g.replicas) >> 20

@@ -45,7 +45,10 @@ class ReplicaEvents(Protocol):
         """Requests wait for its worker (the progress watch judges a flat counter only then)."""
 
     async def admit(self, r: Replica) -> bool:
-        """Wait for room on its GPU before a start; False: it can never start there."""
+        """Wait for room on its GPU before a start (or a wake); False: it can never start there."""
+
+    def sleep_skipped(self, r: Replica) -> None:
+        """A sleep asked for did not happen: it was busy by then (it serves on)."""
 
 
 class FleetEvents(Protocol):

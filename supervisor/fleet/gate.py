@@ -62,6 +62,8 @@ class RoomGate:
                     return False
                 for key in step.evict:
                     self._evict(key, r)
+                for key in step.sleep:
+                    self._sleep(key, "evicted", for_replica=r)
                 for key in step.drain:
                     v = self._find(key)
                     if v is not None and not v.room.draining:
@@ -91,6 +93,19 @@ class RoomGate:
         assert v.lifecycle is not None
         v.lifecycle.unload(ExitReason.EVICTED)
 
+    def _sleep(self, key, why: str, for_replica: Replica | None = None) -> None:
+        """Put an idle replica to sleep (the cheaper tier): it takes nothing new from now on."""
+        v = self._find(key)
+        if v is None or v.room.sleeping or not v.admits:
+            return
+        v.room.sleeping = True
+        self._refresh(v)
+        log.info("gpu_room_sleep", worker=v.worker, replica=v.index, gpu=v.gpu, why=why,
+                 for_worker=for_replica.worker if for_replica else None,
+                 for_replica=for_replica.index if for_replica else None)
+        assert v.lifecycle is not None
+        v.lifecycle.put_to_sleep(why)
+
     def _settle(self, now: float) -> None:
         """Evictions whose memory is seen back (or whose settle time passed) no longer count as held."""
         for r in self.room.evicted():
@@ -119,3 +134,5 @@ class RoomGate:
                 log.info("worker_idle_unload", worker=r.worker, replica=r.index, idle_s=round(now - r.last_used, 3))
                 assert r.lifecycle is not None
                 r.lifecycle.unload(ExitReason.IDLE)
+            for r in self.room.idle_sleeps(now):
+                self._sleep(r.key, "idle")

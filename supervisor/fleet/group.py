@@ -43,9 +43,10 @@ class WorkerGroup:
         return any(r.serving for r in self.replicas)
 
     def started(self) -> bool:
-        """Some replica holds, or is about to hold, its process (an on-demand worker's first request starts it)."""
+        """Some replica holds, or is about to hold, its process awake (an on-demand worker's first request
+        starts it, a sleeping one's wakes it)."""
         for r in self.replicas:
-            if r.started:
+            if r.started and r.state is not WorkerState.ASLEEP:
                 return True
         return False
 

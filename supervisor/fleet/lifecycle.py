@@ -26,6 +26,7 @@ from ..config import WorkerSpec
 from ..pressure import recycle_due
 from ..states import PLANNED_EXITS, UNLOAD_EXITS, ExitReason, WorkerState
 from . import proc
+from . import sleep as sleep_calls
 from .process import (
     Incarnation,
     InFlight,
@@ -68,6 +69,8 @@ class Lifecycle:
         self._load_wanted = r.spec.start != "on_demand"
         self._retire = False
         self._shutdown = False
+        self._sleep_asked: str | None = None  # put it to sleep (why: evicted, idle) once idle
+        self._wake_asked = False  # wake it (a request came for it while asleep)
         self.stopped = asyncio.Event()
         self.log = log.bind(worker=r.worker, replica=r.index)
 
@@ -138,6 +141,20 @@ class Lifecycle:
             self._wake.set()
             return
         self.request_restart(ExitReason.RETIRED)
+
+    def put_to_sleep(self, why: str) -> None:
+        """Put the serving replica to sleep (`why`: evicted, idle); skipped if it is busy by then."""
+        if self._shutdown or self._sleep_asked is not None:
+            return
+        self._sleep_asked = why
+        self._wake.set()
+
+    def wake_up(self) -> None:
+        """Wake the sleeping replica (a request waits for it); concurrent asks cause one wake."""
+        if self._shutdown:
+            return
+        self._wake_asked = True
+        self._wake.set()
 
     @property
     def wants_load(self) -> bool:
@@ -313,7 +330,8 @@ class Lifecycle:
         while True:
             self._wake.clear()
             interval = h.interval_s if not inc.inflight else min(h.interval_s, max(0.05, self.r.spec.stall_s / 4))
-            await wait_quietly(proc.wait_any(inc.exited, self._wake), interval)
+            if self._sleep_asked is None:  # (a sleep asked during the last probe goes now)
+                await wait_quietly(proc.wait_any(inc.exited, self._wake), interval)
             if inc.exited.is_set():
                 return
             if self._shutdown:
@@ -324,6 +342,13 @@ class Lifecycle:
                 await self._drain(inc, reason)
                 await self._stop(inc, reason)
                 return
+            if self._sleep_asked is not None:
+                stop = await self._sleep_cycle(inc)
+                if stop is not None:
+                    await self._stop(inc, stop)
+                    return
+                failures = 0
+                continue
             # judged by progress, not age: no byte from the worker on any request in flight for
             # stall_timeout_s (a slow client or a long stream that keeps sending is never a hang)
             now = time.monotonic()
@@ -358,6 +383,75 @@ class Lifecycle:
             if failures >= h.failures:
                 await self._stop(inc, ExitReason.HANG if why == "timeout" else ExitReason.HEALTH)
                 return
+
+    # -- sleep mode ----------------------------------------------------------------------------
+    async def _sleep_cycle(self, inc: Incarnation) -> ExitReason | None:
+        """Asleep, then awake again: None when it serves again (or it stayed awake, busy, or its process
+        exited: the caller sees that), else why to stop it (a failed sleep or wake, an unload, a reload)."""
+        why, self._sleep_asked = self._sleep_asked, None
+        spec = self.r.spec.sleep
+        if spec is None or inc.inflight or self.r.state is not WorkerState.READY:
+            self.events.sleep_skipped(self.r)  # busy by now (or no sleep mode any more): never put to sleep
+            return None
+        began = time.monotonic()
+        failed = await sleep_calls.switch(inc, spec, True, self.r.spec.startup_timeout_s)
+        if inc.exited.is_set():
+            return None
+        unload = ExitReason.IDLE if why == "idle" else ExitReason.EVICTED
+        if failed is not None:
+            self.log.warning("worker_sleep_failed", worker_pid=inc.pid, why=failed, action="stopped instead")
+            self._load_wanted = False
+            return unload
+        self._move(WorkerState.ASLEEP, why)
+        self.log.info("worker_asleep", worker_pid=inc.pid, why=why, sleep_s=round(time.monotonic() - began, 3))
+        stop = await self._asleep(inc)
+        if stop is not None or inc.exited.is_set():
+            return stop
+        return await self._wake_up(inc)
+
+    async def _asleep(self, inc: Incarnation) -> ExitReason | None:
+        """Wait asleep (no probes: asleep counts as alive while the process lives) until a wake is asked
+        (None), or a stop: unload, reload, retire, shutdown (its reason)."""
+        while True:
+            self._wake.clear()
+            if inc.exited.is_set():
+                return None
+            if self._shutdown:
+                return ExitReason.SHUTDOWN
+            if self._wanted is not None:
+                reason, self._wanted = self._wanted, None
+                return reason
+            if self._wake_asked:
+                return None
+            await proc.wait_any(inc.exited, self._wake)
+
+    async def _wake_up(self, inc: Incarnation) -> ExitReason | None:
+        """Room on its GPU for its whole need, then the wake call: None once it serves again; a wake that
+        fails or times out (startup_timeout_s) stops it to be started anew (wake_failure)."""
+        self._wake_asked = False
+        self._sleep_asked = None
+        self._move(WorkerState.STARTING, "waking")
+        fits = await self.events.admit(self.r)
+        if self._shutdown:
+            return ExitReason.SHUTDOWN
+        if self._wanted is not None:
+            reason, self._wanted = self._wanted, None
+            return reason
+        if not fits:
+            self._load_wanted = False
+            return ExitReason.EVICTED
+        spec = self.r.spec.sleep
+        began = time.monotonic()
+        failed = ("the worker has no sleep mode any more (reload)" if spec is None
+                  else await sleep_calls.switch(inc, spec, False, self.r.spec.startup_timeout_s))
+        if inc.exited.is_set():
+            return None
+        if failed is not None:
+            self.log.warning("worker_wake_failed", worker_pid=inc.pid, why=failed, action="stop and start anew")
+            return ExitReason.WAKE_FAILURE
+        self.log.info("worker_woken", worker_pid=inc.pid, wake_s=round(time.monotonic() - began, 3))
+        self._move(WorkerState.READY, sleep_calls.WOKEN)
+        return None
 
     async def _drain(self, inc: Incarnation, reason: ExitReason) -> None:
         """Let the requests this worker holds finish before a planned stop."""

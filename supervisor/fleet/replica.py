@@ -37,13 +37,14 @@ class RoomMarks:
     refused: str | None = None  # why it can never start here (too_large, pinned)
     retry_after_s: float | None = None  # the gate's next look, for a 503's Retry-After
     draining: bool = False  # asked to take nothing new so a waiter can evict it
+    sleeping: bool = False  # being put to sleep (to make room, or idle): takes nothing new
     evicting: bool = False  # chosen for eviction: new requests wait instead of restarting it
     evicted_at: float | None = None  # evicted, its memory not yet seen back in NVML (monotonic)
     target_used: int = 0  # NVML's used bytes on its GPU once that memory is back
 
     def clear(self) -> None:
         """It is down: it holds no room, and nothing is being cleared out."""
-        self.admitted = self.draining = self.evicting = False
+        self.admitted = self.draining = self.evicting = self.sleeping = False
 
 
 class Replica:
@@ -75,6 +76,11 @@ class Replica:
         self.rss_bytes = 0
         self.gpu_memory_bytes = 0
         self.gpu_peak_bytes = 0  # the most NVML has seen its process tree hold (the learned need)
+        # sleep mode
+        self.asleep_since: float | None = None  # when it last fell asleep (monotonic)
+        self.asleep_gpu_bytes = 0  # what NVML saw it hold while asleep (the learned sleep.gpu_memory_mb)
+        self.waking_since: float | None = None  # asleep -> starting: the wake in progress began (monotonic)
+        self.last_wake_s: float | None = None
         self.room = RoomMarks()
         # who runs it
         self.lifecycle: Lifecycle | None = None
@@ -124,7 +130,8 @@ class Replica:
 
     @property
     def admits(self) -> bool:
-        return admits(self.state, self.alive, self.stop_pending, self.room.draining, self.room.evicting)
+        return admits(self.state, self.alive, self.stop_pending, self.room.draining or self.room.sleeping,
+                      self.room.evicting)
 
     def can_take(self, now: float) -> bool:
         return self.admits and self.breaker.would_allow(now)

@@ -23,9 +23,11 @@ if TYPE_CHECKING:
 class GpuRoom:
     """Figures and plans of the GPU ledger over the fleet's replica records (it writes none of them)."""
 
-    def __init__(self, settings: Settings, replicas: Callable[[], Iterable[Replica]]):
+    def __init__(self, settings: Settings, replicas: Callable[[], Iterable[Replica]],
+                 work_waiting: Callable[[Replica], bool] = lambda r: False):
         self.settings = settings
         self._replicas = replicas  # every replica of the fleet, each time it is asked
+        self._work_waiting = work_waiting  # requests wait for its worker (a resident's run is not over)
         self._reading: Reading | None = None
         self.changed_event = asyncio.Event()  # set (and replaced) whenever a plan may have changed
         self.gate_waiters = 0  # replicas waiting in the gate for room now (RoomGate.admit)
@@ -68,19 +70,36 @@ class GpuRoom:
         settling = sum(r.gpu_peak_bytes for r in self._replicas() if r.gpu == gpu and r.room.evicted_at is not None)
         return gl.foreign_bytes(d.memory_used_bytes, self._reading.ours_by_device.get(gpu, 0) + settling)
 
-    @staticmethod
-    def resident(r: Replica, now: float) -> gl.Resident:
+    def host_free(self) -> int | None:
+        """Host RAM sleeping workers may still fill: psutil's available less `gpu.host_reserve_mb` (None: no
+        reading yet)."""
+        rd = self._reading
+        if rd is None or rd.host_total_bytes is None or rd.host_used_bytes is None:
+            return None
+        return rd.host_total_bytes - rd.host_used_bytes - self.settings.gpu.host_reserve_mb * gl.MIB
+
+    def resident(self, r: Replica, now: float) -> gl.Resident:
         inc = r.current
         marks = r.room
         stopping = marks.evicted_at is not None
+        sl = r.spec.sleep
+        # a wake waiting at the gate still holds only what its sleep leaves
+        asleep = r.state is WorkerState.ASLEEP or (r.waking_since is not None and marks.waiting_since is not None)
         return gl.Resident(
             key=r.key, gpu=r.gpu if r.gpu is not None else -1,
             declared_bytes=r.spec.gpu_memory_mb * gl.MIB, learned_bytes=r.gpu_peak_bytes,
             started=marks.admitted or stopping,
-            busy=r.inflight > 0 or (marks.admitted and not r.serving and r.state is WorkerState.STARTING),
+            # swaps in runs: a resident whose worker has requests waiting (and takes them) finishes them first,
+            # within the waiter's max_starvation_s (then it is drained)
+            busy=r.inflight > 0 or (marks.admitted and not r.serving and r.state is WorkerState.STARTING)
+            or (r.admits and self._work_waiting(r)),
             pinned=r.spec.pinned, last_used=r.last_used,
             loaded_at=inc.ready_at or inc.spawned_at if inc is not None else now,
-            stopping=stopping, min_resident_s=r.spec.min_resident_s)
+            stopping=stopping, min_resident_s=r.spec.min_resident_s,
+            can_sleep=sl is not None, asleep=asleep,
+            asleep_bytes=sl.gpu_memory_mb * gl.MIB if sl is not None and sl.gpu_memory_mb else r.asleep_gpu_bytes,
+            sleeping=marks.sleeping,
+            host_bytes=sl.host_memory_mb * gl.MIB if sl is not None and sl.host_memory_mb else r.rss_bytes)
 
     @staticmethod
     def need_bytes(r: Replica) -> int:
@@ -139,7 +158,8 @@ class GpuRoom:
             self.need_bytes(r), r.gpu, self.capacity(r.gpu), self.foreign(r.gpu),
             min_resident_s=r.spec.min_resident_s if waiting else 0.0,
             max_starvation_s=r.spec.max_starvation_s if waiting else None,
-            waiting_since=r.room.waiting_since if waiting else None, settling=settling)
+            waiting_since=r.room.waiting_since if waiting else None, settling=settling,
+            host_free=self.host_free())
         return ask, others
 
     def refusal(self, r: Replica) -> str | None:
@@ -166,7 +186,21 @@ class GpuRoom:
                                      marks.evicted_at, now, self.settings.gpu.settle_timeout_s)
 
     def idle_unloads(self, now: float) -> list[Replica]:
-        """Serving replicas idle for their worker's idle_unload_s (0 = never)."""
+        """Serving or sleeping replicas idle for their worker's idle_unload_s (0 = never)."""
         return [r for r in self._replicas()
-                if r.spec.idle_unload_s > 0 and r.serving
+                if r.spec.idle_unload_s > 0 and (r.serving or r.state is WorkerState.ASLEEP)
                 and gl.idle_due(self.resident(r, now), r.spec.idle_unload_s, now)]
+
+    def idle_sleeps(self, now: float) -> list[Replica]:
+        """Serving replicas idle for their worker's sleep.after_idle_s (0 = never) that host memory takes."""
+        free = self.host_free()
+        out = []
+        for r in self._replicas():
+            sl = r.spec.sleep
+            if sl is None or sl.after_idle_s <= 0 or not r.admits:
+                continue
+            res = self.resident(r, now)
+            if gl.sleep_due(res, sl.after_idle_s, free, now):
+                out.append(r)
+                free = None if free is None else free - res.host_bytes
+        return out

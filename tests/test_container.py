@@ -38,10 +38,10 @@ IMAGE_UID = 10001
 BUILD_TIMEOUT_S = 1200  # a cold build: the base image, pip downloading transformers & co.
 START_TIMEOUT_S = 180   # the daemon and the worker's model load on a loaded machine
 CONTEXT = 2048
-# tokens of the request held across the stop: seconds of generation, long enough to still be running when
-# `podman stop` has delivered SIGTERM, and within the worker's default --max-tokens-limit (2048)
+# tokens of each request held across the stop: seconds of generation (the queued one's all come after
+# SIGTERM), within the worker's default --max-tokens-limit (2048)
 LONG = 2000
-DRAIN_S = 240           # the test's drain.timeout_s: a loaded machine generates LONG tokens slowly
+DRAIN_S = 240           # the test's drain.timeout_s: a loaded machine generates 2 x LONG tokens slowly
 
 
 def podman_env() -> dict[str, str]:
@@ -185,6 +185,7 @@ async def test_the_image_serves_the_model_as_a_non_root_user_and_is_healthy(cont
     commands = [args for _, _, args in rows]
     assert any("gpu-supervisor run --config /etc/gpu-supervisor/policy.yaml" in a for a in commands), out
     assert any("-m model_worker" in a for a in commands), out
+    assert [args for _, pid, args in rows if pid == "1"][0].startswith("/usr/bin/tini --"), out
 
     # the image's HEALTHCHECK (GET /readyz on the policy's port) passes
     code, out, err = await apodman("healthcheck", "run", container.name)
@@ -193,42 +194,67 @@ async def test_the_image_serves_the_model_as_a_non_root_user_and_is_healthy(cont
     assert out.strip() == "healthy", out
 
 
-async def test_podman_stop_drains_a_request_in_flight_and_exits_0(container: Running) -> None:
+async def test_kill_hup_1_reloads_the_policy_through_tini(container: Running) -> None:
+    """A reload as deploy/kubernetes does it: `kill -HUP 1` reaches the daemon through tini (PID 1)."""
+    await wait_ready(container)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        async def generation() -> int:
+            async with s.get(f"{container.url}/status") as r:
+                return (await r.json())["config"]["generation"]
+        before = await generation()
+        code, out, err = await apodman("exec", container.name, "kill", "-HUP", "1")
+        assert code == 0, (out, err)
+
+        async def reloaded() -> bool:
+            return await generation() > before
+        await wait_until(reloaded, 30, "the config's generation to grow")
+
+
+async def test_podman_stop_drains_the_requests_held_and_exits_0(container: Running) -> None:
+    """One request generating and one queued behind it (concurrency 1) when SIGTERM comes: both get
+    their whole answer, then the container exits 0 by itself."""
     await wait_ready(container)
     client = AsyncOpenAI(base_url=f"{container.url}/v1", api_key="unused", max_retries=0, timeout=DRAIN_S)
-    stream = await client.completions.create(
-        model="model", prompt="Hello", max_tokens=LONG, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-    events = stream.__aiter__()
-    chunks = [await anext(events)]  # generating now
-    done = asyncio.Event()
 
-    async def read_rest() -> None:
-        async for chunk in events:
-            chunks.append(chunk)
-        done.set()
+    async def complete() -> list:
+        stream = await client.completions.create(
+            model="model", prompt="Hello", max_tokens=LONG, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        return [chunk async for chunk in stream]
 
-    reader = asyncio.create_task(read_rest())
-    # podman stop sends the image's STOPSIGNAL (SIGTERM), and SIGKILL only after -t seconds
-    stopper = asyncio.create_task(apodman("stop", "--time", str(DRAIN_S + 60), container.name,
-                                          timeout=DRAIN_S + 90))
+    status_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+
+    async def held() -> bool:
+        async with status_session.get(f"{container.url}/status") as r:
+            q = (await r.json())["queue"]
+        return q["inflight"] == 1 and q["total"] == 1
+
+    async def draining() -> bool:
+        async with status_session.get(f"{container.url}/readyz") as r:
+            return r.status == 503
+
+    running = asyncio.create_task(complete())
+    queued = asyncio.create_task(complete())
+    stopper: asyncio.Task | None = None
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-            async def draining() -> bool:
-                async with s.get(f"{container.url}/readyz") as r:
-                    return r.status == 503
-            await wait_until(draining, 30, "/readyz 503 (draining) after podman stop", interval=0.05)
-        assert not done.is_set(), "the request ended before the daemon began draining: LONG is too short"
-        await asyncio.wait_for(reader, DRAIN_S)
+        await wait_until(held, 60, "one request generating and one queued", interval=0.05)
+        # podman stop sends the image's STOPSIGNAL (SIGTERM), and SIGKILL only after --time seconds
+        stopper = asyncio.create_task(apodman("stop", "--time", str(DRAIN_S + 60), container.name,
+                                              timeout=DRAIN_S + 90))
+        await wait_until(draining, 30, "/readyz 503 (draining) after podman stop", interval=0.05)
+        assert not queued.done(), "the queued request was answered before the daemon drained: LONG is too short"
+        answers = await asyncio.wait_for(asyncio.gather(running, queued), DRAIN_S)
         code, _, err = await stopper
     finally:
-        for t in (reader, stopper):
-            t.cancel()
+        for t in (running, queued, stopper):
+            if t is not None:
+                t.cancel()
+        await status_session.close()
         await client.close()
     assert code == 0, err
-    # the held request got its whole answer...
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == LONG
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    for chunks in answers:  # each held request got its whole answer...
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == LONG
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     # ...and the container ended by itself, with the daemon's exit code
     state = json.loads(podman("inspect", "--format", "{{json .State}}", container.name).stdout)
     assert state["Status"] == "exited" and state["ExitCode"] == 0 and not state["OOMKilled"], (state,

@@ -13,9 +13,12 @@ and measures
   request) for `--duration` s, with the default min_resident_s / max_starvation_s and one other setting:
   swaps per minute, goodput, the longest wait, against an ideal scheduler on the same pattern (the swap
   costs only the model load, service costs only the service time; it swaps when the other model has
-  waited `max_starvation_s`, or, the daemon's own rule, once the resident has stayed `min_resident_s`).
+  waited `max_starvation_s`, or, the daemon's own rule, once the resident has stayed `min_resident_s`);
+* the sleep tier (sleepy_worker: `--sleep-load` s to load, `--wake-ms` to wake): swap latency through
+  sleep/wake against stop/start (targets: a swap through sleep costs at most the wake + 50 ms), and goodput
+  of alternating traffic, sleep/wake against stop/start (target: at least 3x with a 3 s load).
 
-    .venv/bin/python bench/bench_ondemand.py [--trials 10] [--load 1.0] [--duration 60]
+    .venv/bin/python bench/bench_ondemand.py [--trials 10] [--load 1.0] [--duration 60] [--sleep-only]
 
 Prints a table and writes bench/results/ondemand.json.
 """
@@ -41,6 +44,8 @@ import aiohttp  # noqa: E402
 
 from bench.common import pct, save_results  # noqa: E402
 from tests.harness import SupervisorProcess, ctl_command, fast_config, wait_until  # noqa: E402
+
+SLEEPY = str(REPO / "tests" / "workers" / "sleepy_worker.py")
 
 RESULTS = REPO / "bench" / "results"
 HEALTHY = re.compile(r"healthy after ([\d.]+)s")
@@ -247,6 +252,150 @@ async def alternating(args: argparse.Namespace, min_resident: float | None, max_
     return await with_daemon(cfg, body)
 
 
+# -- the sleep tier --------------------------------------------------------------------------------
+def sleep_policy(args: argparse.Namespace, sleep: bool, min_resident: float) -> dict:
+    """Two sleepy workers of 600 MiB on a 1000 MiB budget, loading `--sleep-load` s; with sleep mode
+    (asleep: 50 MiB on the GPU, 10 MiB of host RAM) or without (stop/start)."""
+    base = fast_config(logging={"format": "json", "level": "info"})
+    w = base.pop("worker")
+    base["worker_defaults"] = {k: v for k, v in w.items() if k != "command"}
+    base["workers"] = {
+        name: {"command": [sys.executable, SLEEPY, "--socket", "{socket}", "--name", name,
+                           "--load-s", str(args.sleep_load), "--wake-ms", str(args.wake_ms)],
+               "gpus": [0], "models": [name], "start": "on_demand", "gpu_memory_mb": 600,
+               "min_resident_s": min_resident,
+               **({"sleep": {"gpu_memory_mb": 50, "host_memory_mb": 10}} if sleep else {})}
+        for name in ("a", "b")}
+    base["gpu"] = {"budget_mb": {0: 1000}, "settle_timeout_s": 0.5, "host_reserve_mb": 0}
+    base["queue"] = {"concurrency": 4, "max_size": 1000, "timeout_s": 120}
+    return base
+
+
+async def complete(sp: SupervisorProcess, worker: str, delay: float = 0.0, timeout: float = 120) -> tuple[int, int]:
+    async with sp.session.post(f"/v1/completions?delay={delay:g}", json={"model": worker, "prompt": "x"},
+                               headers={"X-Request-Timeout": str(timeout)}) as r:
+        body = await r.json()
+        return r.status, body.get("pid", 0) if isinstance(body, dict) else 0
+
+
+async def sleep_swaps(args: argparse.Namespace, sleep: bool) -> dict:
+    """Swap latency: a request for the worker that is asleep (or unloaded) while the other is awake and idle."""
+    async def body(sp: SupervisorProcess) -> dict:
+        for name in ("a", "b"):  # both loaded once: from now on every swap is a wake (or a cold start)
+            assert (await complete(sp, name))[0] == 200
+        runs = []
+        for i in range(args.sleep_trials):
+            target = "a" if i % 2 == 0 else "b"
+            woken = len(sp.events("worker_woken", worker=target))
+            t0 = time.perf_counter()
+            status, _ = await complete(sp, target)
+            total = time.perf_counter() - t0
+            assert status == 200
+            run = {"total_s": total}
+            if sleep:
+                ev = (await wait_until(lambda: len(sp.events("worker_woken", worker=target)) > woken
+                                       and sp.events("worker_woken", worker=target), 10, "woken log"))[woken]
+                run["wake_s"] = ev["wake_s"]
+                run["overhead_ms"] = (total - ev["wake_s"]) * 1000
+            runs.append(run)
+        totals = [r["total_s"] for r in runs]
+        out: dict = {"trials": len(runs), "total_s": {"p50": pct(totals, 50), "max": max(totals)}, "runs": runs}
+        if sleep:
+            over = [r["overhead_ms"] for r in runs]
+            wakes = [r["wake_s"] for r in runs]
+            out["wake_s"] = {"p50": pct(wakes, 50), "max": max(wakes)}
+            out["overhead_ms"] = {"p50": pct(over, 50), "max": max(over)}
+            out["restarts"] = sum(r["restarts"] for g in (await sp.status())["workers"].values()
+                                  for r in g["replicas"])
+        return out
+
+    return await with_daemon(sleep_policy(args, sleep, 0.0), body)
+
+
+async def sleep_alternating(args: argparse.Namespace, sleep: bool, min_resident: float) -> dict:
+    """Two closed-loop clients, one per worker, `--sleep-duration` s: goodput and swaps."""
+    service = args.service_ms / 1000
+
+    async def body(sp: SupervisorProcess) -> dict:
+        for name in ("a", "b"):
+            assert (await complete(sp, name))[0] == 200
+        codes: collections.Counter[str] = collections.Counter()
+        waits: list[float] = []
+        t_start = time.perf_counter()
+        end = t_start + args.sleep_duration
+        spawned0, woken0 = len(sp.events("worker_spawned")), len(sp.events("worker_woken"))
+
+        async def client(target: str) -> None:
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                try:
+                    status, _ = await complete(sp, target, delay=service, timeout=args.sleep_duration + 60)
+                except (aiohttp.ClientError, TimeoutError):
+                    codes["client_error"] += 1
+                    continue
+                codes[str(status)] += 1
+                waits.append(time.perf_counter() - t0)
+
+        await asyncio.gather(client("a"), client("b"))
+        elapsed = time.perf_counter() - t_start
+        return {"tier": "sleep/wake" if sleep else "stop/start", "min_resident_s": min_resident,
+                "seconds": elapsed, "codes": dict(codes), "goodput_rps": codes["200"] / elapsed,
+                "starts": len(sp.events("worker_spawned")) - spawned0,
+                "wakes": len(sp.events("worker_woken")) - woken0,
+                "longest_wait_s": max(waits) if waits else None, "wait_p99_s": pct(waits, 99) if waits else None}
+
+    return await with_daemon(sleep_policy(args, sleep, min_resident), body)
+
+
+async def sleep_tier(args: argparse.Namespace) -> dict:
+    res: dict = {"config": {"load_s": args.sleep_load, "wake_ms": args.wake_ms, "trials": args.sleep_trials,
+                            "duration_s": args.sleep_duration, "service_ms": args.service_ms}}
+    for sleep in (True, False):
+        print(f"sleep tier: swaps, {'sleep/wake' if sleep else 'stop/start'} ...", flush=True)
+        res["swap_sleep" if sleep else "swap_stop"] = await sleep_swaps(args, sleep)
+    res["alternating"] = []
+    for mr in args.sleep_min_resident:
+        for sleep in (True, False):
+            print(f"sleep tier: alternating, {'sleep/wake' if sleep else 'stop/start'}, min_resident_s {mr:g} ...",
+                  flush=True)
+            res["alternating"].append(await sleep_alternating(args, sleep, mr))
+    runs = {(a["tier"], a["min_resident_s"]): a["goodput_rps"] for a in res["alternating"]}
+    # the same setting for both tiers: sleep/wake goodput over stop/start goodput
+    res["goodput_ratio"] = {str(mr): runs[("sleep/wake", mr)] / runs[("stop/start", mr)]
+                            if runs[("stop/start", mr)] else None for mr in args.sleep_min_resident}
+    res["targets"] = {
+        "swap_through_sleep_le_wake_plus_50ms": res["swap_sleep"]["overhead_ms"]["max"] <= 50,
+        **{f"alternating_goodput_ge_3x_min_resident_{mr}": r is None or r >= 3
+           for mr, r in res["goodput_ratio"].items()},
+    }
+    return res
+
+
+def sleep_report(res: dict) -> str:
+    c = res["config"]
+    sw, st = res["swap_sleep"], res["swap_stop"]
+    lines = [f"sleep tier: sleepy_worker load {c['load_s']:g}s, wake {c['wake_ms']:g} ms; 2 x 600 MiB on 1000 MiB",
+             f"swap through sleep/wake: answer p50 {sw['total_s']['p50'] * 1000:.1f} ms, max "
+             f"{sw['total_s']['max'] * 1000:.1f} ms; the wake call p50 {sw['wake_s']['p50'] * 1000:.1f} ms; "
+             f"overhead (answer - wake) p50 {sw['overhead_ms']['p50']:.1f} ms, max {sw['overhead_ms']['max']:.1f} ms"
+             f" ({sw['trials']} swaps, {sw['restarts']} restarts)",
+             f"swap through stop/start: answer p50 {st['total_s']['p50']:.3f} s, max {st['total_s']['max']:.3f} s",
+             f"target: swap through sleep <= wake + 50 ms (max): "
+             f"{'PASS' if res['targets']['swap_through_sleep_le_wake_plus_50ms'] else 'FAIL'}",
+             f"alternating traffic, two back-to-back clients, {c['service_ms']:g} ms per request, "
+             f"{c['duration_s']:g}s each:",
+             f"{'tier':<12}{'min_res':>8}{'200/s':>8}{'starts':>7}{'wakes':>7}{'longest wait':>14}{'non-200':>9}"]
+    for a in res["alternating"]:
+        bad = sum(v for k, v in a["codes"].items() if k != "200")
+        lines.append(f"{a['tier']:<12}{a['min_resident_s']:>8g}{a['goodput_rps']:>8.1f}{a['starts']:>7}"
+                     f"{a['wakes']:>7}{a['longest_wait_s'] or 0:>13.2f}s{bad:>9}")
+    for mr, ratio in res["goodput_ratio"].items():
+        ok = res["targets"][f"alternating_goodput_ge_3x_min_resident_{mr}"]
+        lines.append(f"target: goodput sleep/wake >= 3x stop/start at min_resident_s {mr}: "
+                     f"{'inf' if ratio is None else f'{ratio:.2f}'}x {'PASS' if ok else 'FAIL'}")
+    return "\n".join(lines)
+
+
 def ideal(duration: float, service_s: float, load_s: float, dwell_s: float) -> dict:
     """Two back-to-back clients, one model on the GPU at a time; zero scheduler overhead: a swap costs `load_s`
     (the model load), a request `service_s`. The resident serves its client until the other model's request
@@ -262,6 +411,8 @@ def ideal(duration: float, service_s: float, load_s: float, dwell_s: float) -> d
 
 
 async def main(args: argparse.Namespace) -> dict:
+    if args.sleep_only:
+        return {"sleep_tier": await sleep_tier(args)}
     res: dict = {"config": {"trials": args.trials, "load_s": args.load, "idle_unload_s": args.idle_unload,
                             "duration_s": args.duration, "service_ms": args.service_ms,
                             "budget_mb": 1000, "worker_mb": {"cold": 300, "swap": 600}}}
@@ -283,10 +434,13 @@ async def main(args: argparse.Namespace) -> dict:
         # the daemon's own rule: the waiter goes in once the resident has stayed min_resident_s (after its load)
         run["ideal_min_resident"] = ideal(run["seconds"], s, load, load + mr_v)
         res["alternating"].append(run)
+    res["sleep_tier"] = await sleep_tier(args)
     return res
 
 
 def report(res: dict) -> str:
+    if "config" not in res:
+        return sleep_report(res["sleep_tier"])
     c = res["config"]
     cs, sw = res["cold_start"], res["swap"]
     lines = [f"emulated model load {c['load_s']:g}s (ctl_worker --startup-delay) + process start; "
@@ -325,6 +479,7 @@ def report(res: dict) -> str:
     lines.append("(ideal: zero scheduler overhead, a swap costs the measured load p50, a request its service time; "
                  "'same rule': swap once the resident stayed min_resident_s; 'starv.': once the other waited "
                  "max_starvation_s)")
+    lines += ["", sleep_report(res["sleep_tier"])]
     return "\n".join(lines)
 
 
@@ -338,6 +493,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--other-min-resident", type=float, default=1.0, help="min_resident_s of the second run")
     p.add_argument("--other-max-starvation", type=float, default=3.0, help="max_starvation_s of the second run")
     p.add_argument("--skip-default", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sleep-only", action="store_true", help="run only the sleep tier")
+    p.add_argument("--sleep-load", type=float, default=3.0, help="sleep tier: emulated model load, s (default 3)")
+    p.add_argument("--wake-ms", type=float, default=20.0, help="sleep tier: the worker's wake time, ms")
+    p.add_argument("--sleep-trials", type=int, default=10, help="sleep tier: swaps per tier (default 10)")
+    p.add_argument("--sleep-duration", type=float, default=20.0, help="sleep tier: seconds of each alternating run")
+    p.add_argument("--sleep-min-resident", type=float, nargs="+", default=[0.0, 1.0, 5.0],
+                   help="sleep tier: min_resident_s of the alternating runs, each tier (default 0 1 5)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/ondemand.json)")
     return p.parse_args(argv)
 

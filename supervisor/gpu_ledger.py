@@ -171,7 +171,7 @@ def plan_start(ask: StartAsk, residents: Iterable[Resident], now: float) -> Plan
         return Plan("start", "fits")
 
     short = (held_bytes(here, foreign) + need_bytes - capacity - sum(r.footprint for r in here if r.stopping)
-             - sum(r.footprint - r.asleep_bytes for r in here if r.sleeping))
+             - sum(r.sleep_frees for r in here if r.sleeping))
     if short <= 0:
         return Plan("wait", "stopping", retry_after_s=DEFAULT_RETRY_S)
     if settling:

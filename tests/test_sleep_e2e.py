@@ -186,3 +186,27 @@ async def test_a_reload_restarts_a_changed_asleep_worker_and_applies_sleep_keys_
     code, again_b = await complete(sp, "b")  # b was put to sleep for a's restart: woken, the same process
     assert code == 200 and again_b["pid"] == b["pid"]
     assert (await replica(sp, "b"))["restarts"] == 0
+
+
+async def test_a_swap_waits_for_the_residents_queued_requests_and_they_run_together(supervisor_factory):
+    sp = await supervisor_factory(sleep_config({"a": {"concurrency": 1}, "b": {}}))
+    await complete(sp, "a")
+    done: list[str] = []
+
+    async def send(worker: str, delay: float) -> tuple[int, dict]:
+        out = await complete(sp, worker, delay=delay, timeout=60)
+        done.append(worker)
+        return out
+
+    runs = [asyncio.create_task(send("a", 0.3)) for _ in range(3)]  # one in flight, two queued behind it
+    await wait_until(lambda: _queued(sp, "a", 2), 10, "two of a's requests queued")
+    code, body = await send("b", 0)
+    assert code == 200 and body["worker"] == "b"
+    answers = await asyncio.gather(*runs)
+    assert [c for c, _ in answers] == [200] * 3
+    assert len({(body["pid"], body["wakes"]) for _, body in answers}) == 1  # one run: no sleep between them
+    assert done == ["a", "a", "a", "b"]
+
+
+async def _queued(sp, worker: str, n: int) -> bool:
+    return (await sp.status())["workers"][worker]["queue"]["total"] >= n

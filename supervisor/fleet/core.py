@@ -60,7 +60,7 @@ class Fleet:
         self.started = False
         self.retiring: list[Replica] = []
         self._queue_gate: Callable[[int], bool] | None = None  # a route's gpu_memory_mb: may it start now?
-        self.room = GpuRoom(settings, self.replicas, self.work_waiting)
+        self.room = GpuRoom(settings, self.replicas, self.work_pending)
         self.gate = RoomGate(self.room, self.find, self._refresh)
         for name, spec in settings.fleet.items():
             self.add_group(name, spec)
@@ -202,6 +202,8 @@ class Fleet:
         g = self.groups.get(r.worker)
         if new is not WorkerState.READY:
             r.room.sleeping = False  # asleep now, or it went another way
+        if new is WorkerState.READY or new in DOWN_STATES:
+            r.asleep_since = None  # awake, or gone: it holds its whole need, or nothing
         if new is WorkerState.ASLEEP:
             r.asleep_since = time.monotonic()
             if g is not None and g.queue.total > 0:
@@ -210,8 +212,8 @@ class Fleet:
             r.waking_since = time.monotonic()
         elif r.waking_since is not None:
             if new is WorkerState.READY:
-                r.last_wake_s = time.monotonic() - r.waking_since
-                r.last_used = time.monotonic()
+                r.woke_at = r.last_used = time.monotonic()
+                r.last_wake_s = r.woke_at - r.waking_since
             r.waking_since = None
         elif new is WorkerState.READY and old is WorkerState.STARTING:
             inc = r.current
@@ -275,6 +277,12 @@ class Fleet:
     def work_waiting(self, r: Replica) -> bool:
         g = self.groups.get(r.worker)
         return g is not None and g.queue.total > 0
+
+    def work_pending(self, r: Replica) -> bool:
+        """Requests wait for its worker, or hold a slot and have not reached a replica yet (granted, their
+        task not run): a replica that admits them is not idle, whatever its own count in flight says."""
+        g = self.groups.get(r.worker)
+        return g is not None and (g.queue.total > 0 or g.queue.inflight() > sum(x.inflight for x in g.replicas))
 
     async def admit(self, r: Replica) -> bool:
         return await self.gate.admit(r)

@@ -77,10 +77,11 @@ class Replica:
         self.gpu_memory_bytes = 0
         self.gpu_peak_bytes = 0  # the most NVML has seen its process tree hold (the learned need)
         # sleep mode
-        self.asleep_since: float | None = None  # when it last fell asleep (monotonic)
+        self.asleep_since: float | None = None  # it fell asleep then (monotonic), and holds only its sleep since
         self.asleep_gpu_bytes = 0  # what NVML saw it hold while asleep (the learned sleep.gpu_memory_mb)
         self.waking_since: float | None = None  # asleep -> starting: the wake in progress began (monotonic)
         self.last_wake_s: float | None = None
+        self.woke_at: float | None = None  # its last wake ended (monotonic): min_resident_s counts from it
         self.room = RoomMarks()
         # who runs it
         self.lifecycle: Lifecycle | None = None
@@ -150,6 +151,8 @@ class Replica:
         """A guess at how long until it serves, for Retry-After."""
         now = time.monotonic()
         start = self.last_start_s or 1.0
+        if self.state is WorkerState.ASLEEP:
+            return self.last_wake_s or 1.0
         if self.state is WorkerState.BACKOFF:
             return max(0.0, self.backoff_until - now) + start
         if self.state is WorkerState.STARTING and self.current:

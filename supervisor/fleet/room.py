@@ -24,10 +24,10 @@ class GpuRoom:
     """Figures and plans of the GPU ledger over the fleet's replica records (it writes none of them)."""
 
     def __init__(self, settings: Settings, replicas: Callable[[], Iterable[Replica]],
-                 work_waiting: Callable[[Replica], bool] = lambda r: False):
+                 work_pending: Callable[[Replica], bool] = lambda r: False):
         self.settings = settings
         self._replicas = replicas  # every replica of the fleet, each time it is asked
-        self._work_waiting = work_waiting  # requests wait for its worker (a resident's run is not over)
+        self._work_pending = work_pending  # requests wait for its worker or are granted (its run is not over)
         self._reading: Reading | None = None
         self.changed_event = asyncio.Event()  # set (and replaced) whenever a plan may have changed
         self.gate_waiters = 0  # replicas waiting in the gate for room now (RoomGate.admit)
@@ -83,18 +83,21 @@ class GpuRoom:
         marks = r.room
         stopping = marks.evicted_at is not None
         sl = r.spec.sleep
-        # a wake waiting at the gate still holds only what its sleep leaves
-        asleep = r.state is WorkerState.ASLEEP or (r.waking_since is not None and marks.waiting_since is not None)
+        # asleep, being stopped from asleep, or a wake waiting at the gate: it holds only what its sleep leaves
+        asleep = r.asleep_since is not None and (
+            r.state in (WorkerState.ASLEEP, WorkerState.STOPPING)
+            or (r.waking_since is not None and marks.waiting_since is not None))
         return gl.Resident(
             key=r.key, gpu=r.gpu if r.gpu is not None else -1,
             declared_bytes=r.spec.gpu_memory_mb * gl.MIB, learned_bytes=r.gpu_peak_bytes,
             started=marks.admitted or stopping,
-            # swaps in runs: a resident whose worker has requests waiting (and takes them) finishes them first,
-            # within the waiter's max_starvation_s (then it is drained)
+            # swaps in runs: a resident whose worker has requests waiting or granted (and takes them) finishes
+            # them first, within the waiter's max_starvation_s (then it is drained)
             busy=r.inflight > 0 or (marks.admitted and not r.serving and r.state is WorkerState.STARTING)
-            or (r.admits and self._work_waiting(r)),
+            or (r.admits and self._work_pending(r)),
             pinned=r.spec.pinned, last_used=r.last_used,
-            loaded_at=inc.ready_at or inc.spawned_at if inc is not None else now,
+            # a wake is a load as far as min_resident_s goes (no thrash between sleeping workers either)
+            loaded_at=max(inc.ready_at or inc.spawned_at, r.woke_at or 0.0) if inc is not None else now,
             stopping=stopping, min_resident_s=r.spec.min_resident_s,
             can_sleep=sl is not None, asleep=asleep,
             asleep_bytes=sl.gpu_memory_mb * gl.MIB if sl is not None and sl.gpu_memory_mb else r.asleep_gpu_bytes,

@@ -157,7 +157,7 @@ async def wait_ready(c: Running) -> None:
             try:
                 async with s.get(f"{c.url}/readyz") as r:
                     return r.status == 200
-            except aiohttp.ClientError:
+            except (aiohttp.ClientError, TimeoutError):
                 code, out, _ = await apodman("inspect", "--format", "{{.State.Running}}", c.name)
                 assert code == 0 and out.strip() == "true", f"the container stopped:\n{c.logs()}"
                 return False

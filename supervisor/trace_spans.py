@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 EXPORT_TIMEOUT_S = 5.0  # one export, its retries included: the exporter's thread, never a request, waits
 CLIENT_CLOSED = 499
+# a body routing did not read is read for gen_ai.request.model up to this size (a parse on the event loop)
+MODEL_PARSE_MAX_BYTES = 256 * 1024
 GEN_AI_OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion",
                      "/v1/embeddings": "embeddings"}
 
@@ -191,20 +193,7 @@ class Trace:
         error = self.error
         if error is None and code == CLIENT_CLOSED:
             error = "client_closed"
-        for child in (self._wait, self._submit):
-            if child is not None:
-                child.set_attributes({"error.type": error or "abandoned"})
-                child.end()
-        self._wait = self._submit = None
-        if self._attempt is not None:
-            attrs = {"gpu_supervisor.outcome": error or "answered"}
-            if error is None:
-                attrs["http.response.status_code"] = code
-            else:
-                attrs["error.type"] = error
-            self._attempt.set_attributes(attrs)
-            self._attempt.end()
-            self._attempt = None
+        self._close_children(error, code)
         span = self.span
         if not span.is_recording():
             span.end()
@@ -214,7 +203,7 @@ class Trace:
             "gpu_supervisor.priority": priority, "gpu_supervisor.worker": call.worker_label,
             "gpu_supervisor.attempts": call.attempt, "gpu_supervisor.queue_ms": round(call.queued_s * 1000, 3)}
         model = call.model
-        if model is None and call.body:
+        if model is None and call.body and len(call.body) <= MODEL_PARSE_MAX_BYTES:
             try:
                 model = body_model(call.body)
             except Rejected:
@@ -232,3 +221,27 @@ class Trace:
         if code >= 500:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end()
+
+    def abandon(self, call: Call, error: str) -> None:
+        """A job's delivery ended with no status to count (cancelled, or its answer too large)."""
+        self.error = error
+        self._close_children(error, None)
+        self.span.set_attributes({"error.type": error, "gpu_supervisor.attempts": call.attempt})
+        self.span.set_status(Status(StatusCode.ERROR, error))
+        self.span.end()
+
+    def _close_children(self, error: str | None, code: int | None) -> None:
+        for child in (self._wait, self._submit):
+            if child is not None:
+                child.set_attributes({"error.type": error or "abandoned"})
+                child.end()
+        self._wait = self._submit = None
+        if self._attempt is not None:
+            attrs: dict[str, str | int] = {"gpu_supervisor.outcome": error or "answered"}
+            if error is None and code is not None:
+                attrs["http.response.status_code"] = code
+            else:
+                attrs["error.type"] = error or "abandoned"
+            self._attempt.set_attributes(attrs)
+            self._attempt.end()
+            self._attempt = None

@@ -8,6 +8,8 @@ import asyncio
 import json
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -205,3 +207,10 @@ async def test_a_collector_down_or_refusing_never_fails_a_request_and_is_counted
 
 async def _errors(sp: SupervisorProcess, above: float = 0.0) -> bool:
     return metric_total(await sp.metrics(), "gpu_supervisor_trace_export_errors_total") > above
+
+
+def test_a_daemon_with_tracing_off_never_imports_opentelemetry():
+    code = ("import sys, supervisor.daemon, supervisor.app, supervisor.cli\n"
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

@@ -165,5 +165,9 @@ class RequestPath:
                 trace.error = r.etype
             self._observe(call, ERROR_TYPES[r.etype][0])
             raise JobFailed(r.etype, r.message) from None
+        except (JobFailed, asyncio.CancelledError) as exc:
+            if trace is not None:
+                trace.abandon(call, exc.type if isinstance(exc, JobFailed) else "cancelled")
+            raise
         self._observe(call, result.status)
         return result

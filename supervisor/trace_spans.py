@@ -11,9 +11,11 @@ run long after, and more than once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+import structlog
 from opentelemetry import trace as otel
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from .http.call import Call
     from .http.wire import Request
     from .jobs.model import JobRequest
+
+log = structlog.get_logger("supervisor.tracing")
 
 EXPORT_TIMEOUT_S = 5.0  # one export, its retries included: the exporter's thread, never a request, waits
 CLIENT_CLOSED = 499
@@ -68,6 +72,23 @@ class CountingExporter(SpanExporter):
         return self._inner.force_flush(timeout_millis)
 
 
+class _SdkLogs(logging.Handler):
+    """The SDK's own warnings (an export retried or failed, a full queue) as the daemon's log events, not
+    as bare text lines in its JSON log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        say = log.error if record.levelno >= logging.ERROR else log.warning
+        say("opentelemetry_sdk", message=record.getMessage(), logger=record.name)
+
+
+def route_sdk_logs() -> None:
+    """Send the `opentelemetry` loggers' warnings to structlog (once per process)."""
+    sdk = logging.getLogger("opentelemetry")
+    if not any(isinstance(h, _SdkLogs) for h in sdk.handlers):
+        sdk.addHandler(_SdkLogs(logging.WARNING))
+        sdk.propagate = False
+
+
 def sampler(ratio: float) -> ParentBased:
     """A client's sampling decision is kept; a trace the daemon starts is sampled at `ratio`."""
     return ParentBased(TraceIdRatioBased(ratio))
@@ -93,6 +114,7 @@ class Tracer:
 
     def __init__(self, s: TracingSettings, on_error: Callable[[], None],
                  exporter: SpanExporter | None = None):
+        route_sdk_logs()
         inner = exporter or OTLPSpanExporter(endpoint=s.endpoint, headers=dict(s.headers) or None,
                                              timeout=EXPORT_TIMEOUT_S)
         self.processor = BatchSpanProcessor(CountingExporter(inner, on_error))

@@ -173,6 +173,10 @@ async def test_a_collector_down_or_refusing_never_fails_a_request_and_is_counted
         async with sp.session.get("/echo") as r:
             assert r.status == 200
     await wait_until(lambda: _errors(sp), 30, "trace_export_errors_total to rise")
+    # the SDK's complaints are the daemon's log events, not bare text in its JSON log
+    sdk = await sp.wait_log("opentelemetry_sdk")
+    assert sdk["logger"].startswith("opentelemetry.") and "export" in sdk["message"]
+    assert not [ev for ev in sp.events("_raw") if "export" in ev["line"]]
 
     # a collector that answers 503, then comes back: counted, then the spans arrive
     async with OtlpReceiver() as rx:

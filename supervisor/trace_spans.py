@@ -44,6 +44,7 @@ EXPORT_TIMEOUT_S = 5.0  # one export, its retries included: the exporter's threa
 CLIENT_CLOSED = 499
 # a body routing did not read is read for gen_ai.request.model up to this size (a parse on the event loop)
 MODEL_PARSE_MAX_BYTES = 256 * 1024
+_ROOT = otel.set_span_in_context(otel.INVALID_SPAN)  # a parent that is none: a new trace, whatever is current
 GEN_AI_OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion",
                      "/v1/embeddings": "embeddings"}
 
@@ -128,7 +129,7 @@ class Tracer:
         h = request.headers
         tp = h.get("traceparent")
         parent = remote_context(tp, h.getall("tracestate")) if tp is not None else None
-        span = self._tracer.start_span("request", parent, SpanKind.SERVER, {
+        span = self._tracer.start_span("request", _ROOT if parent is None else parent, SpanKind.SERVER, {
             "http.request.method": call.method, "url.path": call.path})
         return Trace(self._tracer, span)
 
@@ -136,7 +137,7 @@ class Tracer:
         """A job delivery's trace: `job.run`, a new trace linked to the context stored with the job."""
         stored = remote_context(req.header("traceparent"))
         links = [Link(otel.get_current_span(stored).get_span_context())] if stored is not None else None
-        span = self._tracer.start_span("job.run", otel.set_span_in_context(otel.INVALID_SPAN), SpanKind.INTERNAL, {
+        span = self._tracer.start_span("job.run", _ROOT, SpanKind.INTERNAL, {
             "http.request.method": req.method, "url.path": req.path, "gpu_supervisor.job_id": req.id,
             "gpu_supervisor.job_attempt": attempt}, links)
         return Trace(self._tracer, span)

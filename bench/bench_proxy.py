@@ -11,12 +11,12 @@ keep-alive, and so does the bare aiohttp proxy (the baseline). wrk drives each i
   port. LiteLLM is the `litellm` of `--litellm PATH`, else of PATH, else of the repo's .venv-bench/;
   without one its column is skipped.
 
-With `--tracing`, the daemon traces every request (`tracing.sample_ratio: 1`) to a local OTLP/HTTP sink
-(bench/otlp_sink.py), whose counts are printed and saved with the results.
+With `--tracing [RATIO]`, the daemon traces requests (`tracing.sample_ratio`, default 1: every request) to
+a local OTLP/HTTP sink (bench/otlp_sink.py), whose counts are printed and saved with the results.
 
 Prints a table per scenario and the ratios, and writes bench/results/proxy-<upstream>.json.
 
-    python bench/bench_proxy.py [--duration 10] [--connections 32] [--scenario get|openai|both] [--tracing]
+    python bench/bench_proxy.py [--duration 10] [--connections 32] [--scenario get|openai|both] [--tracing [RATIO]]
 """
 
 from __future__ import annotations
@@ -204,8 +204,9 @@ def main() -> int:
     ap.add_argument("--litellm", metavar="PATH", default=None,
                     help="the `litellm` console script of a venv with litellm[proxy] "
                          "(default: `litellm` on PATH, else .venv-bench/bin/litellm)")
-    ap.add_argument("--tracing", action="store_true",
-                    help="trace every request to a local OTLP/HTTP sink (bench/otlp_sink.py)")
+    ap.add_argument("--tracing", type=float, nargs="?", const=1.0, default=None, metavar="RATIO",
+                    help="trace requests (tracing.sample_ratio RATIO, default 1) to a local OTLP/HTTP sink "
+                         "(bench/otlp_sink.py)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.out = args.out or str(HERE / "results" / f"proxy-{args.upstream}.json")
@@ -238,11 +239,11 @@ def main() -> int:
     }
     procs: list[subprocess.Popen] = []
     sink_port = free_port()
-    if args.tracing:
-        policy["tracing"] = {"endpoint": f"http://127.0.0.1:{sink_port}/v1/traces", "sample_ratio": 1.0}
+    if args.tracing is not None:
+        policy["tracing"] = {"endpoint": f"http://127.0.0.1:{sink_port}/v1/traces", "sample_ratio": args.tracing}
     (tmp / "policy.yaml").write_text(json.dumps(policy))
     try:
-        if args.tracing:
+        if args.tracing is not None:
             procs.append(subprocess.Popen([PY, str(HERE / "otlp_sink.py"), "--port", str(sink_port)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_http(f"http://127.0.0.1:{sink_port}/stats")
@@ -312,7 +313,8 @@ def main() -> int:
                 print("against LiteLLM: no column (skipped, see the first line)")
             res["scenarios"]["openai"] = {"request": f"POST {CHAT_PATH}", "body": CHAT_BODY, "results": results,
                                           "ratios": ratios, "litellm": litellm_info}
-        if args.tracing:
+        if args.tracing is not None:
+            res["tracing_sample_ratio"] = args.tracing
             with urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/stats", timeout=5) as r:
                 res["trace_sink"] = json.loads(r.read())
             with urllib.request.urlopen(f"http://127.0.0.1:{sup_port}/metrics", timeout=5) as r:

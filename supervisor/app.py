@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -30,6 +31,9 @@ from .runstate import RunState
 from .states import SERVING_STATES, UNLOAD_EXITS, BreakerState, WorkerState
 from .status_view import metrics_state, render_status
 from .tracing import Tracing
+
+if TYPE_CHECKING:
+    from .trace_spans import Tracer
 
 log = structlog.get_logger("supervisor.app")
 
@@ -104,7 +108,7 @@ class Supervisor:
         await self.fleet.aclose()
         await self.tracing.aclose()  # last: the spans of what the above ended are sent (within a bound)
 
-    def _use_tracer(self, tracer) -> None:
+    def _use_tracer(self, tracer: Tracer | None) -> None:
         self.path.tracer = tracer
 
     def apply(self, loaded: LoadedConfig) -> ReloadSummary:

@@ -11,9 +11,11 @@ run long after, and more than once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+import structlog
 from opentelemetry import trace as otel
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -36,8 +38,13 @@ if TYPE_CHECKING:
     from .http.wire import Request
     from .jobs.model import JobRequest
 
+log = structlog.get_logger("supervisor.tracing")
+
 EXPORT_TIMEOUT_S = 5.0  # one export, its retries included: the exporter's thread, never a request, waits
 CLIENT_CLOSED = 499
+# a body routing did not read is read for gen_ai.request.model up to this size (a parse on the event loop)
+MODEL_PARSE_MAX_BYTES = 256 * 1024
+_ROOT = otel.set_span_in_context(otel.INVALID_SPAN)  # a parent that is none: a new trace, whatever is current
 GEN_AI_OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion",
                      "/v1/embeddings": "embeddings"}
 
@@ -66,6 +73,23 @@ class CountingExporter(SpanExporter):
         return self._inner.force_flush(timeout_millis)
 
 
+class _SdkLogs(logging.Handler):
+    """The SDK's own warnings (an export retried or failed, a full queue) as the daemon's log events, not
+    as bare text lines in its JSON log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        say = log.error if record.levelno >= logging.ERROR else log.warning
+        say("opentelemetry_sdk", message=record.getMessage(), logger=record.name)
+
+
+def route_sdk_logs() -> None:
+    """Send the `opentelemetry` loggers' warnings to structlog (once per process)."""
+    sdk = logging.getLogger("opentelemetry")
+    if not any(isinstance(h, _SdkLogs) for h in sdk.handlers):
+        sdk.addHandler(_SdkLogs(logging.WARNING))
+        sdk.propagate = False
+
+
 def sampler(ratio: float) -> ParentBased:
     """A client's sampling decision is kept; a trace the daemon starts is sampled at `ratio`."""
     return ParentBased(TraceIdRatioBased(ratio))
@@ -91,6 +115,7 @@ class Tracer:
 
     def __init__(self, s: TracingSettings, on_error: Callable[[], None],
                  exporter: SpanExporter | None = None):
+        route_sdk_logs()
         inner = exporter or OTLPSpanExporter(endpoint=s.endpoint, headers=dict(s.headers) or None,
                                              timeout=EXPORT_TIMEOUT_S)
         self.processor = BatchSpanProcessor(CountingExporter(inner, on_error))
@@ -104,7 +129,7 @@ class Tracer:
         h = request.headers
         tp = h.get("traceparent")
         parent = remote_context(tp, h.getall("tracestate")) if tp is not None else None
-        span = self._tracer.start_span("request", parent, SpanKind.SERVER, {
+        span = self._tracer.start_span("request", _ROOT if parent is None else parent, SpanKind.SERVER, {
             "http.request.method": call.method, "url.path": call.path})
         return Trace(self._tracer, span)
 
@@ -112,7 +137,7 @@ class Tracer:
         """A job delivery's trace: `job.run`, a new trace linked to the context stored with the job."""
         stored = remote_context(req.header("traceparent"))
         links = [Link(otel.get_current_span(stored).get_span_context())] if stored is not None else None
-        span = self._tracer.start_span("job.run", otel.set_span_in_context(otel.INVALID_SPAN), SpanKind.INTERNAL, {
+        span = self._tracer.start_span("job.run", _ROOT, SpanKind.INTERNAL, {
             "http.request.method": req.method, "url.path": req.path, "gpu_supervisor.job_id": req.id,
             "gpu_supervisor.job_attempt": attempt}, links)
         return Trace(self._tracer, span)
@@ -191,20 +216,7 @@ class Trace:
         error = self.error
         if error is None and code == CLIENT_CLOSED:
             error = "client_closed"
-        for child in (self._wait, self._submit):
-            if child is not None:
-                child.set_attributes({"error.type": error or "abandoned"})
-                child.end()
-        self._wait = self._submit = None
-        if self._attempt is not None:
-            attrs = {"gpu_supervisor.outcome": error or "answered"}
-            if error is None:
-                attrs["http.response.status_code"] = code
-            else:
-                attrs["error.type"] = error
-            self._attempt.set_attributes(attrs)
-            self._attempt.end()
-            self._attempt = None
+        self._close_children(error, code)
         span = self.span
         if not span.is_recording():
             span.end()
@@ -214,7 +226,7 @@ class Trace:
             "gpu_supervisor.priority": priority, "gpu_supervisor.worker": call.worker_label,
             "gpu_supervisor.attempts": call.attempt, "gpu_supervisor.queue_ms": round(call.queued_s * 1000, 3)}
         model = call.model
-        if model is None and call.body:
+        if model is None and call.body and len(call.body) <= MODEL_PARSE_MAX_BYTES:
             try:
                 model = body_model(call.body)
             except Rejected:
@@ -232,3 +244,27 @@ class Trace:
         if code >= 500:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end()
+
+    def abandon(self, call: Call, error: str) -> None:
+        """A job's delivery ended with no status to count (cancelled, or its answer too large)."""
+        self.error = error
+        self._close_children(error, None)
+        self.span.set_attributes({"error.type": error, "gpu_supervisor.attempts": call.attempt})
+        self.span.set_status(Status(StatusCode.ERROR, error))
+        self.span.end()
+
+    def _close_children(self, error: str | None, code: int | None) -> None:
+        for child in (self._wait, self._submit):
+            if child is not None:
+                child.set_attributes({"error.type": error or "abandoned"})
+                child.end()
+        self._wait = self._submit = None
+        if self._attempt is not None:
+            attrs: dict[str, str | int] = {"gpu_supervisor.outcome": error or "answered"}
+            if error is None and code is not None:
+                attrs["http.response.status_code"] = code
+            else:
+                attrs["error.type"] = error or "abandoned"
+            self._attempt.set_attributes(attrs)
+            self._attempt.end()
+            self._attempt = None

@@ -8,6 +8,8 @@ import asyncio
 import json
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -171,6 +173,10 @@ async def test_a_collector_down_or_refusing_never_fails_a_request_and_is_counted
         async with sp.session.get("/echo") as r:
             assert r.status == 200
     await wait_until(lambda: _errors(sp), 30, "trace_export_errors_total to rise")
+    # the SDK's complaints are the daemon's log events, not bare text in its JSON log
+    sdk = await sp.wait_log("opentelemetry_sdk")
+    assert sdk["logger"].startswith("opentelemetry.") and "export" in sdk["message"]
+    assert not [ev for ev in sp.events("_raw") if "export" in ev["line"]]
 
     # a collector that answers 503, then comes back: counted, then the spans arrive
     async with OtlpReceiver() as rx:
@@ -205,3 +211,10 @@ async def test_a_collector_down_or_refusing_never_fails_a_request_and_is_counted
 
 async def _errors(sp: SupervisorProcess, above: float = 0.0) -> bool:
     return metric_total(await sp.metrics(), "gpu_supervisor_trace_export_errors_total") > above
+
+
+def test_a_daemon_with_tracing_off_never_imports_opentelemetry():
+    code = ("import sys, supervisor.daemon, supervisor.app, supervisor.cli\n"
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

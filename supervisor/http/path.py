@@ -178,6 +178,10 @@ class RequestPath:
                 trace.error = r.etype
             self._observe(call, ERROR_TYPES[r.etype][0])
             raise JobFailed(r.etype, r.message) from None
+        except (JobFailed, asyncio.CancelledError) as exc:
+            if trace is not None:
+                trace.abandon(call, exc.type if isinstance(exc, JobFailed) else "cancelled")
+            raise
         finally:
             if call.charge is not None:
                 await self.budgets.settle(call.charge, call.model)

@@ -126,6 +126,18 @@ async def test_a_wake_that_fails_stops_and_starts_the_worker_anew(supervisor_fac
     assert 'gpu_supervisor_worker_restarts_total{reason="wake_failure",replica="0",worker="a"} 1.0' in m
 
 
+async def test_a_wake_that_outlasts_startup_timeout_s_starts_the_worker_anew(supervisor_factory):
+    # each wake of a takes 60 s; its startup_timeout_s is 3 s (its cold load, 0.5 s, fits)
+    cfg = sleep_config({"a": {"env": {"SLEEPY_WAKE_MS": "60000"}, "startup_timeout_s": 3}, "b": {}})
+    sp = await supervisor_factory(cfg)
+    _, a = await complete(sp, "a")
+    await complete(sp, "b")
+    assert await state_is(sp, "a", "asleep")
+    code, again = await complete(sp, "a", timeout=30)
+    assert code == 200 and again["pid"] != a["pid"] and again["wakes"] == 0
+    assert (await replica(sp, "a"))["last_exit"]["reason"] == "wake_failure"
+
+
 async def test_an_idle_replica_sleeps_then_unloads(supervisor_factory):
     cfg = sleep_config({"a": {"idle_unload_s": 3, "sleep": {"gpu_memory_mb": 50, "after_idle_s": 0.3}}})
     sp = await supervisor_factory(cfg)

@@ -3,18 +3,24 @@ the same process; a failed wake starts anew; idle sleep; a busy replica is left 
 
 Real daemons and real sleepy workers (tests/workers/sleepy_worker.py: a slow emulated load, a fast wake).
 No NVML here: `gpu.budget_mb` and the declared `gpu_memory_mb` / `sleep.gpu_memory_mb` drive the ledger;
-two workers of 600 MiB do not fit together on 1000 MiB, one awake beside one asleep (50 MiB) does.
+two workers of 600 MiB do not fit together on 1000 MiB, one awake beside one asleep (50 MiB) does. The
+case of sizes learned from NVML runs a daemon in-process with the one fake (tests/fake_nvml.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from supervisor import config as cfg
+from supervisor.daemon import Daemon, Environment
+from tests.fake_nvml import FakeNvml
 from tests.harness import fast_config, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -126,6 +132,18 @@ async def test_a_wake_that_fails_stops_and_starts_the_worker_anew(supervisor_fac
     assert 'gpu_supervisor_worker_restarts_total{reason="wake_failure",replica="0",worker="a"} 1.0' in m
 
 
+async def test_a_wake_that_outlasts_startup_timeout_s_starts_the_worker_anew(supervisor_factory):
+    # each wake of a takes 60 s; its startup_timeout_s is 3 s (its cold load, 0.5 s, fits)
+    cfg = sleep_config({"a": {"env": {"SLEEPY_WAKE_MS": "60000"}, "startup_timeout_s": 3}, "b": {}})
+    sp = await supervisor_factory(cfg)
+    _, a = await complete(sp, "a")
+    await complete(sp, "b")
+    assert await state_is(sp, "a", "asleep")
+    code, again = await complete(sp, "a", timeout=30)
+    assert code == 200 and again["pid"] != a["pid"] and again["wakes"] == 0
+    assert (await replica(sp, "a"))["last_exit"]["reason"] == "wake_failure"
+
+
 async def test_an_idle_replica_sleeps_then_unloads(supervisor_factory):
     cfg = sleep_config({"a": {"idle_unload_s": 3, "sleep": {"gpu_memory_mb": 50, "after_idle_s": 0.3}}})
     sp = await supervisor_factory(cfg)
@@ -210,3 +228,57 @@ async def test_a_swap_waits_for_the_residents_queued_requests_and_they_run_toget
 
 async def _queued(sp, worker: str, n: int) -> bool:
     return (await sp.status())["workers"][worker]["queue"]["total"] >= n
+
+
+async def test_sizes_learned_from_nvml_awake_and_asleep(tmp_path):
+    """With (fake) NVML and nothing declared: the need is learned awake, what sleep leaves is learned asleep."""
+    nvml = FakeNvml(devices=1, total=1000 * MiB)
+    learned = {"gpu_memory_mb": 0, "sleep": {"gpu_memory_mb": 0, "host_memory_mb": 10}}
+    c = sleep_config({"a": learned, "b": {"sleep": {"gpu_memory_mb": 0, "host_memory_mb": 10}, "gpu_memory_mb": 400}},
+                     budget_mb=100000)
+    c["gpu"].update({"enabled": True, "poll_interval_s": 0.05,
+                     "thresholds": {"soft": 0.95, "hard": 0.97, "critical": 0.99}})
+    path = tmp_path / "policy.yaml"
+    path.write_text("{}")
+    loaded = cfg.LoadedConfig(settings=cfg.Settings.model_validate(c), source=str(path), digest="t")
+    d = Daemon(loaded, Environment(base_env=dict(os.environ), state_directory=str(tmp_path)),
+               nvml_factory=lambda: nvml, install_signals=False)
+    task = asyncio.create_task(d.serve())
+    await wait_until(lambda: d.bound or task.done(), 10, "daemon listening")
+    host, port = d.bound[0]
+    sp = _InProc(aiohttp.ClientSession(f"http://{host}:{port}"))
+    try:
+        _, a = await complete(sp, "a")
+        nvml.procs[0], nvml.used[0] = [(a["pid"], 700 * MiB)], 700 * MiB
+        await wait_until(lambda: _need(sp, "a", 700 * MiB), 10, "a's need learned")
+        _, b = await complete(sp, "b")  # 700 + 400 > 1000: a goes to sleep
+        assert await state_is(sp, "a", "asleep")
+        nvml.procs[0], nvml.used[0] = [(a["pid"], 30 * MiB), (b["pid"], 400 * MiB)], 430 * MiB
+        await wait_until(lambda: _held(sp, 430 * MiB), 10, "a's sleep learned: 30 MiB")
+        assert await _need(sp, "a", 700 * MiB)  # what it needs awake is not forgotten
+        code, again = await complete(sp, "a")  # 400 + 700 > 1000: b sleeps, a wakes (the same process)
+        assert code == 200 and again["pid"] == a["pid"]
+        assert await state_is(sp, "b", "asleep")
+    finally:
+        await sp.session.close()
+        d.stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+class _InProc:
+    """What the helpers above need of a daemon run in this process: its HTTP session and /status."""
+
+    def __init__(self, session: aiohttp.ClientSession):
+        self.session = session
+
+    async def status(self) -> dict:
+        async with self.session.get("/status") as r:
+            return await r.json()
+
+
+async def _need(sp, worker: str, n: int) -> bool:
+    return (await replica(sp, worker))["gpu_memory_need_bytes"] == n
+
+
+async def _held(sp, n: int) -> bool:
+    return (await sp.status())["gpu"]["ledger"][0]["held_bytes"] == n

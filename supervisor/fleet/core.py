@@ -204,18 +204,19 @@ class Fleet:
             r.room.sleeping = False  # asleep now, or it went another way
         if new is WorkerState.READY or new in DOWN_STATES:
             r.asleep_since = None  # awake, or gone: it holds its whole need, or nothing
+        woke = new is WorkerState.READY and r.waking_since is not None
+        if woke:
+            r.woke_at = r.last_used = time.monotonic()
+            r.last_wake_s = r.woke_at - r.waking_since
+        if new is not WorkerState.STARTING:
+            r.waking_since = None  # the wake ended (awake, or it went another way)
         if new is WorkerState.ASLEEP:
             r.asleep_since = time.monotonic()
             if g is not None and g.queue.total > 0:
                 r.lifecycle.wake_up()  # requests came while it was going to sleep
         elif old is WorkerState.ASLEEP and new is WorkerState.STARTING:
             r.waking_since = time.monotonic()
-        elif r.waking_since is not None:
-            if new is WorkerState.READY:
-                r.woke_at = r.last_used = time.monotonic()
-                r.last_wake_s = r.woke_at - r.waking_since
-            r.waking_since = None
-        elif new is WorkerState.READY and old is WorkerState.STARTING:
+        elif new is WorkerState.READY and old is WorkerState.STARTING and not woke:
             inc = r.current
             if inc is not None and inc.ready_at is not None:
                 r.last_start_s = inc.ready_at - inc.spawned_at

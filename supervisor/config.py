@@ -310,6 +310,11 @@ class WorkerSpec(Worker):
                 problems.append("gpus: each GPU may be listed once (one replica per GPU)")
         if any(not m for m in _strs(data.get("models")) or ()):
             problems.append("models: a model name cannot be empty")
+        sleep, need = _mapping(data.get("sleep")), data.get("gpu_memory_mb")
+        asleep = sleep.get("gpu_memory_mb")
+        if isinstance(asleep, int) and isinstance(need, int) and 0 < need <= asleep:
+            problems.append(f"sleep.gpu_memory_mb: {asleep} MiB asleep is not less than gpu_memory_mb ({need} MiB "
+                            "awake): sleeping would free nothing")
         return problems
 
     def lifecycle(self) -> WorkerSpec:

@@ -30,6 +30,8 @@ def _replica(sup: Supervisor, g: WorkerGroup, r: Replica, now: float) -> dict:
         "degraded": m["degraded"], "backoff_s": m["backoff_s"],
         "waiting_for_room": r.room.waiting_since is not None,
         "refused": r.room.refused,
+        "asleep_gpu_memory_bytes": sup.room.resident(r, now).asleep_bytes if r.spec.sleep is not None else None,
+        "last_wake_s": round(r.last_wake_s, 3) if r.last_wake_s is not None else None,
         **g.router.status(r, now),
     }
 

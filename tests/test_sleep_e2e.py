@@ -71,6 +71,7 @@ async def test_alternating_traffic_sleeps_and_wakes_the_same_processes(superviso
     st = await sp.status()
     a = st["workers"]["a"]["replicas"][0]
     assert a["state"] == "asleep" and a["pid"] == first_a["pid"] and a["restarts"] == 0
+    assert a["asleep_gpu_memory_bytes"] == 50 * MiB and a["last_wake_s"] is None
     ledger = st["gpu"]["ledger"][0]
     assert ledger["held_bytes"] == 650 * MiB  # b awake, a asleep
     for _ in range(3):  # each turn wakes the other's process: the same pids answer, nothing restarts
@@ -82,7 +83,7 @@ async def test_alternating_traffic_sleeps_and_wakes_the_same_processes(superviso
     st = await sp.status()
     for name in ("a", "b"):
         r = st["workers"][name]["replicas"][0]
-        assert r["restarts"] == 0 and r["last_exit"] is None
+        assert r["restarts"] == 0 and r["last_exit"] is None and r["last_wake_s"] > 0
     assert len(sp.events("worker_spawned", worker="a")) == 1 and len(sp.events("worker_spawned", worker="b")) == 1
     m = await sp.metrics()
     assert 'gpu_supervisor_worker_sleeps_total{reason="evicted",worker="a"} 4.0' in m

@@ -250,6 +250,9 @@ def _endpoint(v: str) -> str:
 Endpoint = Annotated[str, AfterValidator(_endpoint)]
 
 
+SLEEP_MIN_RESIDENT_S = 1.0  # min_resident_s of a worker with `sleep` that sets none
+
+
 class Sleep(_Model):
     """A worker's sleep mode (vLLM's names): put to sleep instead of stopped, woken instead of started."""
 
@@ -287,7 +290,8 @@ class WorkerSpec(Worker):
     pinned: bool = False
     """Never evicted to make room for another worker."""
     min_resident_s: NonNegFloat = 5.0
-    """How long a fresh replica stays before it may be evicted."""
+    """How long a fresh (or freshly woken) replica stays before it may be evicted; default 5 s, or 1 s for a
+    worker with `sleep` (a swap through sleep costs about a wake, not a load)."""
     max_starvation_s: PosFloat = 30.0
     """How long a replica may wait for room on its GPU before busy replicas there are drained for it."""
     routing: Routing = Routing()
@@ -316,6 +320,14 @@ class WorkerSpec(Worker):
             problems.append(f"sleep.gpu_memory_mb: {asleep} MiB asleep is not less than gpu_memory_mb ({need} MiB "
                             "awake): sleeping would free nothing")
         return problems
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sleep_defaults(cls, data: Any) -> Any:
+        """A worker that sleeps can afford a short min_resident_s: its swaps cost a wake."""
+        if isinstance(data, dict) and data.get("sleep") is not None and "min_resident_s" not in data:
+            data = {**data, "min_resident_s": SLEEP_MIN_RESIDENT_S}
+        return data
 
     def lifecycle(self) -> WorkerSpec:
         """The keys a running process depends on: a change here restarts replicas; the rest (placement,

@@ -26,6 +26,17 @@ def test_defaults_are_vllms_endpoints() -> None:
     assert cfg.parse("workers: {chat: {command: [a]}}").fleet["chat"].sleep is None
 
 
+def test_a_sleeping_worker_defaults_to_a_short_min_resident_s() -> None:
+    s = cfg.parse("""
+        workers:
+          chat: {command: [a], sleep: {}}
+          embed: {command: [a]}
+          tuned: {command: [a], sleep: {}, min_resident_s: 7}
+    """)
+    assert s.fleet["chat"].min_resident_s == cfg.SLEEP_MIN_RESIDENT_S < s.fleet["embed"].min_resident_s == 5.0
+    assert s.fleet["tuned"].min_resident_s == 7.0  # a value set is kept
+
+
 def test_bad_sleep_keys_are_named_with_their_key_path_and_line() -> None:
     probs = problems("""
         workers:

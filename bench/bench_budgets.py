@@ -151,9 +151,11 @@ def delivered(args: argparse.Namespace) -> dict:
 
 # -- the facade's cost ------------------------------------------------------------------------------------
 def facade(n: int) -> dict:
-    """charge + meter + settle per request over the memory store, driven without an event loop (the
-    memory store never suspends), so only the facade's own work is timed."""
+    """charge + headers + meter + settle + usage record per request over the memory store, called as the
+    request path calls them (the memory store never suspends: no coroutine), so only the facade's own
+    work is timed."""
     from supervisor.budgets.core import Budgets
+    from supervisor.budgets.usage import MemoryUsageStore, UsageLog
     from supervisor.config import parse
     from supervisor.fairness import hash_key
     from supervisor.http.call import Call
@@ -168,22 +170,19 @@ def facade(n: int) -> dict:
         "usage": {"prompt_tokens": 134, "completion_tokens": 50, "total_tokens": 184}}).encode()
     key = hash_key("Bearer t")
 
-    def drive(coro) -> None:
-        try:
-            coro.send(None)
-        except StopIteration:
-            return
-        raise RuntimeError("the memory store suspended")
+    b.sink = UsageLog(MemoryUsageStore(), 3600.0)  # the usage log records each answer, as in the daemon
 
-    def one() -> None:
+    def one() -> None:  # as the request path calls it: the memory store's calls need no coroutine
         c = Call("r", 0.0, "POST", "/v1/chat/completions", 0)
         c.client = key
         c.body = raw
-        drive(b.charge(c, len(raw)))
+        if b.charge_now(c, len(raw)) is not None:
+            raise RuntimeError("the memory store suspended")
         h: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
         c.charge.add_headers(h, [b"content-type"])
         c.charge.begin(200, b"application/json").feed(answer)
-        drive(b.settle(c.charge))
+        if b.settle_now(c.charge) is not None:
+            raise RuntimeError("the memory store suspended")
 
     def base() -> None:  # what the loop costs without the facade (the Call alone)
         c = Call("r", 0.0, "POST", "/v1/chat/completions", 0)

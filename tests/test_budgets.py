@@ -366,6 +366,8 @@ def test_a_stream_without_usage_is_settled_with_its_chunks_and_an_error_without_
 
 def test_a_store_that_is_down_fails_open_and_is_counted():
     class Down(MemoryBudgetStore):
+        sync = False  # a store reached over the network (as Redis is)
+
         async def take(self, key, limits, tokens):
             raise StoreUnavailable("down")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -19,7 +20,7 @@ import structlog
 from ..errors import Rejected
 from ..fairness import configured_key
 from .metering import AnswerMeter, Estimate, estimate
-from .store import BudgetStore, Limits, MemoryBudgetStore, RateState, StoreUnavailable, UsageRecord, UsageSink
+from .store import BudgetStore, Limits, MemoryBudgetStore, RateState, StoreUnavailable, Take, UsageRecord, UsageSink
 
 if TYPE_CHECKING:
     from ..config import ClientBudget, Settings
@@ -165,6 +166,12 @@ class Budgets:
 
     async def charge(self, call: Call, content_length: int | None) -> None:
         """Charge a request at admission (call.charge, call.cost); 429 rate_limited past its budget."""
+        pending = self.charge_now(call, content_length)
+        if pending is not None:
+            await pending
+
+    def charge_now(self, call: Call, content_length: int | None) -> Awaitable[None] | None:
+        """`charge`, done here when the store never suspends (memory); else what is left to await."""
         key = call.client or ""
         cl = self.clients.get(key) or self.default
         est = estimate(call.body, content_length, call.path)
@@ -179,19 +186,30 @@ class Budgets:
             self.parallel[key] = n + 1
             ch.parallel = True
         if not cl.limits.limited:
-            return
+            return None
+        store = self.store
+        if store.sync:
+            self._taken(ch, store.take_now(key, cl.limits, tokens))  # type: ignore[attr-defined]
+            return None
+        return self._take(ch)
+
+    async def _take(self, ch: Charge) -> None:
         try:
-            take = await self.store.take(key, cl.limits, tokens)
+            take = await self.store.take(ch.key, ch.client.limits, ch.charged)
         except StoreUnavailable:
             self.metrics.budget_store_errors.inc()  # fail open: admitted, no budget kept for it
             return
+        self._taken(ch, take)
+
+    def _taken(self, ch: Charge, take: Take) -> None:
         ch.state = take.state
         if not take.admitted:
             self._release(ch)
             ch.settled = True
-            what = "tokens" if take.state.limit_tokens and take.state.remaining_tokens < tokens else "requests"
+            what = ("tokens" if take.state.limit_tokens and take.state.remaining_tokens < ch.charged
+                    else "requests")
             self._refuse(ch, f"this client's budget of {what} per minute is spent for now "
-                         f"(this request is estimated at {tokens} tokens)", take.retry_after_s)
+                         f"(this request is estimated at {ch.charged} tokens)", take.retry_after_s)
         ch.taken = True
 
     def charge_job(self, call: Call) -> None:
@@ -221,16 +239,20 @@ class Budgets:
     async def settle(self, ch: Charge, model: str | None = None) -> None:
         """Settle once: with the answer's usage (else its streamed chunks, else the estimate; an error
         answer without usage used nothing), or a full refund when no worker answer reached the client."""
+        pending = self.settle_now(ch, model)
+        if pending is not None:
+            await pending
+
+    def settle_now(self, ch: Charge, model: str | None = None) -> Awaitable[None] | None:
+        """`settle`, done here when the store never suspends (memory); else what is left to await."""
         if ch.settled:
-            return
+            return None
         ch.settled = True
         self._release(ch)
         cl = ch.client
         meter = ch.meter
         if meter is None:
-            if ch.taken:
-                await self._adjust(ch, -ch.charged, refund=True)
-            return
+            return self._adjust(ch, -ch.charged, True) if ch.taken else None
         est = ch.estimate
         used = meter.result()
         if used is not None:
@@ -241,16 +263,24 @@ class Budgets:
             inp, out = 0, 0
         else:
             inp, out = est.input, est.output
-        if ch.taken or (ch.deferred and cl.limits.limited):
-            delta = self.counted(inp, out) - ch.charged
-            if delta:
-                await self._adjust(ch, delta, refund=False)
         cl.tokens_in.n += inp
         cl.tokens_out.n += out
         if self.sink is not None:
             self.sink.record(UsageRecord(ch.key, cl.name, model or est.model, inp, out, time.time()))
+        if ch.taken or (ch.deferred and cl.limits.limited):
+            delta = self.counted(inp, out) - ch.charged
+            if delta:
+                return self._adjust(ch, delta, False)
+        return None
 
-    async def _adjust(self, ch: Charge, tokens: int, refund: bool) -> None:
+    def _adjust(self, ch: Charge, tokens: int, refund: bool) -> Awaitable[None] | None:
+        store = self.store
+        if store.sync:
+            store.adjust_now(ch.key, ch.client.limits, tokens, refund)  # type: ignore[attr-defined]
+            return None
+        return self._adjust_async(ch, tokens, refund)
+
+    async def _adjust_async(self, ch: Charge, tokens: int, refund: bool) -> None:
         try:
             await self.store.adjust(ch.key, ch.client.limits, tokens, refund_request=refund)
         except StoreUnavailable:

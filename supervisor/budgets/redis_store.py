@@ -167,6 +167,7 @@ class RedisUsageStore:
     """Minute rows as hashes that expire with retention, indexed per key by a sorted set of minutes."""
 
     kind = "redis"
+    sync = False  # every call is a round trip
 
     def __init__(self, url: str):
         self.url = url

@@ -70,6 +70,10 @@ class Take(NamedTuple):
 class BudgetStore(Protocol):
     """Where client buckets live (see the module docstring for the contract)."""
 
+    sync: bool
+    """True for a store whose calls never suspend: it also has `take_now` and `adjust_now`, the same
+    calls without a coroutine, which the request path makes instead."""
+
     async def take(self, key: str, limits: Limits, tokens: int) -> Take:
         """Refill, then take 1 request and `tokens` if both buckets have room; else take nothing."""
         ...
@@ -129,7 +133,10 @@ def rate_state(req: Level | None, tok: Level | None, limits: Limits) -> RateStat
 
 
 class MemoryBudgetStore:
-    """Buckets in this process's memory: exact and cheap, but each daemon has its own."""
+    """Buckets in this process's memory: exact and cheap, but each daemon has its own. Its calls never
+    suspend, so the request path makes them directly (`take_now`, `adjust_now`), without a coroutine."""
+
+    sync = True
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -157,6 +164,9 @@ class MemoryBudgetStore:
             del self._buckets[k]
 
     async def take(self, key: str, limits: Limits, tokens: int) -> Take:
+        return self.take_now(key, limits, tokens)
+
+    def take_now(self, key: str, limits: Limits, tokens: int) -> Take:
         tpm, rpm = limits
         b = self._refilled(key, rpm, tpm, self._clock())
         req, tok = b.requests, b.tokens
@@ -171,6 +181,9 @@ class MemoryBudgetStore:
         return Take(True, 0.0, _state(req, tok, rpm, tpm))
 
     async def adjust(self, key: str, limits: Limits, tokens: int, *, refund_request: bool = False) -> None:
+        self.adjust_now(key, limits, tokens, refund_request)
+
+    def adjust_now(self, key: str, limits: Limits, tokens: int, refund_request: bool = False) -> None:
         tpm, rpm = limits
         b = self._refilled(key, rpm, tpm, self._clock())
         if b.tokens is not None and tokens:

@@ -118,7 +118,9 @@ class RequestPath:
         finally:
             try:
                 if call.charge is not None:  # settled (or refunded) once, whatever happened
-                    await self.budgets.settle(call.charge, call.model)
+                    pending = self.budgets.settle_now(call.charge, call.model)
+                    if pending is not None:
+                        await pending
             finally:
                 run.request_done()
 
@@ -139,7 +141,9 @@ class RequestPath:
             else:
                 call.body = b""
         if self.budgets.active:
-            await self.budgets.charge(call, request.content_length)
+            pending = self.budgets.charge_now(call, request.content_length)
+            if pending is not None:
+                await pending
         return await self.dispatcher.dispatch(call, lambda ex: ex.answer(request, responder))
 
     def _observe(self, call: Call, code: int) -> None:

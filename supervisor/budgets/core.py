@@ -48,18 +48,25 @@ def go_duration(s: float) -> str:
     return (f"{h}h" if h else "") + (f"{m}m" if h or m else "") + f"{sec}s"
 
 
+def _reset(s: float) -> bytes:
+    """A reset header's value: under a second (the usual case of a budget in use) without go_duration."""
+    return b"%dms" % math.ceil(s * 1000) if 0 < s < 0.999 else go_duration(s).encode()
+
+
 def rate_headers(st: RateState) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit-* headers for the limited dimensions of a client's budget."""
-    h = []
-    if st.limit_requests:
-        h += ((b"x-ratelimit-limit-requests", b"%d" % st.limit_requests),
-              (b"x-ratelimit-remaining-requests", b"%d" % st.remaining_requests),
-              (b"x-ratelimit-reset-requests", go_duration(st.reset_requests_s).encode()))
-    if st.limit_tokens:
-        h += ((b"x-ratelimit-limit-tokens", b"%d" % st.limit_tokens),
-              (b"x-ratelimit-remaining-tokens", b"%d" % st.remaining_tokens),
-              (b"x-ratelimit-reset-tokens", go_duration(st.reset_tokens_s).encode()))
-    return h
+    lr, rr, resr, lt, rt, rest = st
+    if lr:
+        h = [(b"x-ratelimit-limit-requests", b"%d" % lr), (b"x-ratelimit-remaining-requests", b"%d" % rr),
+             (b"x-ratelimit-reset-requests", _reset(resr))]
+        if lt:
+            h += ((b"x-ratelimit-limit-tokens", b"%d" % lt), (b"x-ratelimit-remaining-tokens", b"%d" % rt),
+                  (b"x-ratelimit-reset-tokens", _reset(rest)))
+        return h
+    if lt:
+        return [(b"x-ratelimit-limit-tokens", b"%d" % lt), (b"x-ratelimit-remaining-tokens", b"%d" % rt),
+                (b"x-ratelimit-reset-tokens", _reset(rest))]
+    return []
 
 
 def open_store(url: str) -> BudgetStore:

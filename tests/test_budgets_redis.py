@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 
 import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
+from supervisor.budgets.core import Budgets
 from supervisor.budgets.redis_store import BUCKETS, BUDGET, RedisBudgetStore, RedisUsageStore
 from supervisor.budgets.store import Limits, StoreUnavailable, UsageRecord
 from supervisor.budgets.usage import Batch, UsageLog, UsageRow, minute_of
+from supervisor.config import parse
 from supervisor.fairness import hash_key
+from supervisor.http.call import Call
+from supervisor.metrics import Metrics
 from tests.redis_server import redis_server  # noqa: F401 - the fixture
 
 DAY = 86400
@@ -231,3 +236,28 @@ async def test_usage_kept_through_an_outage_and_written_once_back(redis_server) 
     assert await log.flush()                                 # nothing left: nothing written twice
     assert await log.query(k, 0) == [UsageRow(k, "emb", at, 1, 4, 0), UsageRow(k, "gpt", at, 2, 17, 8)]
     await log.aclose()
+
+
+async def test_the_facade_awaits_the_redis_store_for_a_charge_and_its_settlement(redis_server) -> None:  # noqa: F811
+    """The request path's calls (charge_now, settle_now) over Redis: each a round trip it awaits (the memory
+    store's direct calls are not Redis's), the charge taken at the estimate, then settled to the answer."""
+    settings = parse("queue: {fairness: {key: 'header:X-Client-ID'}}\nclients: {default: {tokens_per_minute: 1000}}")
+    store = RedisBudgetStore(redis_server.url)
+    try:
+        b = Budgets(settings, Metrics(), store)
+        c = Call("rid", 0.0, "POST", "/v1/chat/completions", 0)
+        c.client = hash_key("c")
+        c.body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 400}],
+                             "max_tokens": 100}).encode()
+        pending = b.charge_now(c, None)
+        assert pending is not None
+        await pending
+        assert c.charge.taken and c.charge.state.remaining_tokens == 800  # 100 in + 100 out estimated
+        c.charge.begin(200, b"application/json").feed(b'{"usage": {"prompt_tokens": 50, "completion_tokens": 10}}')
+        pending = b.settle_now(c.charge)
+        assert pending is not None
+        await pending
+        # settled to the 60 used: 140 given back (the refill since the charge adds under 140 in 8 s)
+        assert (await bucket_fields(redis_server.url, c.client))["tl"] >= 940
+    finally:
+        await store.aclose()

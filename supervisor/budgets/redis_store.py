@@ -167,7 +167,6 @@ class RedisUsageStore:
     """Minute rows as hashes that expire with retention, indexed per key by a sorted set of minutes."""
 
     kind = "redis"
-    sync = False  # every call is a round trip
 
     def __init__(self, url: str):
         self.url = url
@@ -232,6 +231,7 @@ class RedisBudgetStore:
     """Each client's buckets in one Redis hash, changed only by the BUCKETS script (a BudgetStore)."""
 
     kind = "redis"
+    sync = False  # every call is a round trip: the request path awaits take and adjust
 
     def __init__(self, url: str, connect_timeout_s: float = 0.25, op_timeout_s: float = 1.0):
         # short timeouts: a take sits on the request path, and a Redis that does not answer must cost

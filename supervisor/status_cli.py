@@ -88,19 +88,21 @@ def read_token(token_file: str | None, env: dict[str, str]) -> str | None:
     return env.get(TOKEN_ENV, "").strip() or None
 
 
-def fetch(target: Target, token: str | None, timeout: float) -> dict:
-    """GET the daemon's /status within `timeout` seconds in all; the parsed, shape-checked JSON."""
+def get(target: Target, token: str | None, timeout: float, agent: str,
+        max_body: int = MAX_BODY) -> tuple[http.client.HTTPResponse, bytes]:
+    """GET the target within `timeout` seconds in all: the answer and its body (at most `max_body`
+    bytes); StatusError for what kept an answer from coming, and for a 401 (saying what to pass)."""
     deadline = time.monotonic() + timeout
     cls = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
     conn = cls(target.host, target.port, timeout=timeout)
-    headers = {"Accept": "application/json", "User-Agent": "gpu-supervisor-status"}
+    headers = {"Accept": "application/json", "User-Agent": agent}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     where = target.shown
     try:
         conn.request("GET", target.path, headers=headers)
         resp = conn.getresponse()
-        body = _read_bounded(resp, deadline, where)
+        body = _read_bounded(resp, deadline, where, max_body)
     except TimeoutError:
         raise StatusError(f"{where}: no answer within {timeout:g}s (is it a gpu-supervisor daemon?)") from None
     except ConnectionRefusedError:
@@ -120,14 +122,20 @@ def fetch(target: Target, token: str | None, timeout: float) -> dict:
             raise StatusError(f"{where}: 401 Unauthorized: the daemon refused the token (check admin.token_file)")
         raise StatusError(f"{where}: 401 Unauthorized: the daemon needs a token; pass --token-file FILE "
                           f"(its admin.token_file) or set {TOKEN_ENV}")
+    return resp, body
+
+
+def fetch(target: Target, token: str | None, timeout: float) -> dict:
+    """GET the daemon's /status within `timeout` seconds in all; the parsed, shape-checked JSON."""
+    resp, body = get(target, token, timeout, "gpu-supervisor-status")
     if resp.status != 200:
-        raise StatusError(f"{where}: HTTP {resp.status} {resp.reason}: not a gpu-supervisor /status "
+        raise StatusError(f"{target.shown}: HTTP {resp.status} {resp.reason}: not a gpu-supervisor /status "
                           f"(wrong port? with admin.listen set, /status is on the admin listener)")
-    return parse_status(body, resp.getheader("Content-Type", ""), where)
+    return parse_status(body, resp.getheader("Content-Type", ""), target.shown)
 
 
-def _read_bounded(resp: http.client.HTTPResponse, deadline: float, where: str) -> bytes:
-    """The body, but never more than MAX_BODY bytes nor past the deadline (a server that trickles)."""
+def _read_bounded(resp: http.client.HTTPResponse, deadline: float, where: str, max_body: int) -> bytes:
+    """The body, but never more than `max_body` bytes nor past the deadline (a server that trickles)."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -137,8 +145,8 @@ def _read_bounded(resp: http.client.HTTPResponse, deadline: float, where: str) -
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
-        if size > MAX_BODY:
-            raise StatusError(f"{where}: the answer is larger than {MAX_BODY // 1048576} MiB: not a /status")
+        if size > max_body:
+            raise StatusError(f"{where}: the answer is larger than {max_body // 1048576} MiB")
         chunks.append(chunk)
 
 

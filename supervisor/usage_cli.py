@@ -7,18 +7,16 @@ The request uses only the standard library (http.client), as `gpu-supervisor sta
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import re
-import socket
 import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from .status_cli import DEFAULT_URL, TOKEN_ENV, StatusError, Target, parse_url, read_token
+from .status_cli import DEFAULT_URL, TOKEN_ENV, StatusError, Target, get, parse_url, read_token
 
 EXIT_OK, EXIT_FAILED = 0, 2
 MAX_BODY = 64 * 1024 * 1024      # a week of minute rows for a few models is a few MiB
@@ -65,47 +63,13 @@ def usage_target(url: str, key: str, since: float | None, group_by: str) -> Targ
 
 def fetch(target: Target, token: str | None, timeout: float) -> dict:
     """GET /usage within `timeout` seconds; the parsed, shape-checked answer."""
-    deadline = time.monotonic() + timeout
-    cls = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
-    conn = cls(target.host, target.port, timeout=timeout)
-    headers = {"Accept": "application/json", "User-Agent": "gpu-supervisor-usage"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    where = target.shown
     try:
-        conn.request("GET", target.path, headers=headers)
-        resp = conn.getresponse()
-        body = _read_bounded(resp, deadline, where)
-    except TimeoutError:
-        raise UsageError(f"{where}: no answer within {timeout:g}s") from None
-    except ConnectionRefusedError:
-        raise UsageError(f"{where}: connection refused (is the daemon running and listening there?)") from None
-    except socket.gaierror as exc:
-        raise UsageError(f"{where}: cannot resolve host {target.host!r}: {exc.strerror or exc}") from None
-    except (http.client.HTTPException, OSError) as exc:
-        raise UsageError(f"{where}: {type(exc).__name__}: {exc}") from None
-    finally:
-        conn.close()
-    if resp.status == 401:
-        raise UsageError(f"{where}: 401 Unauthorized: " + (
-            "the daemon refused the token (check admin.token_file)" if token else
-            f"the daemon needs a token; pass --token-file FILE (its admin.token_file) or set {TOKEN_ENV}"))
+        resp, body = get(target, token, timeout, "gpu-supervisor-usage", MAX_BODY)
+    except StatusError as exc:
+        raise UsageError(str(exc)) from None
     if resp.status != 200:
-        raise UsageError(f"{where}: HTTP {resp.status}: {_error_message(body) or resp.reason}")
-    return parse_usage(body, where)
-
-
-def _read_bounded(resp: http.client.HTTPResponse, deadline: float, where: str) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := resp.read1(65536):
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise UsageError(f"{where}: the answer is larger than {MAX_BODY >> 20} MiB")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        raise UsageError(f"{target.shown}: HTTP {resp.status}: {_error_message(body) or resp.reason}")
+    return parse_usage(body, target.shown)
 
 
 def _error_message(body: bytes) -> str | None:

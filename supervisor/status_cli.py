@@ -34,10 +34,12 @@ STATE_STYLE = {
 class StatusError(Exception):
     """The daemon could not be asked, or its answer is not a /status: one line for stderr."""
 
-    def line(self) -> str:
+    command = "status"  # the subcommand whose error this is (the line's prefix)
+
+    def line(self, command: str | None = None) -> str:
         """The message on one line of printable text, whatever the server sent."""
         text = "".join(c if c.isprintable() else " " for c in str(self))
-        return "gpu-supervisor status: " + " ".join(text.split())[:500]
+        return f"gpu-supervisor {command or self.command}: " + " ".join(text.split())[:500]
 
 
 # -- fetching ------------------------------------------------------------------------------------------
@@ -411,14 +413,14 @@ def main(args: argparse.Namespace, env: dict[str, str] | None = None) -> int:
     if args.json:
         print(json.dumps(status, indent=1))
     else:
-        _console().print(render(status, target.shown))
+        rich_console().print(render(status, target.shown))
     return exit_code(status)
 
 
-def _console() -> Any:
-    """A rich console; off a terminal (a pipe, a log) wide enough that tables keep one line per row."""
+def rich_console(width: int = 200) -> Any:
+    """A rich console; off a terminal (a pipe, a log) `width` wide, so that tables keep one line per row."""
     from rich.console import Console
-    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else width
     return Console(soft_wrap=False, width=wide)
 
 
@@ -430,7 +432,7 @@ def _watch(args: argparse.Namespace, target: Target, token: str | None) -> int:
 
     code = EXIT_UNREACHABLE
     n = 0
-    console = _console()
+    console = rich_console()
     # a terminal gets one view updated in place; a pipe or a log gets each refresh in turn
     live_view = not args.json and console.is_terminal
     try:

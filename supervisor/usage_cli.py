@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from .status_cli import DEFAULT_URL, TOKEN_ENV, StatusError, Target, get, parse_url, read_token
+from .status_cli import DEFAULT_URL, TOKEN_ENV, StatusError, Target, get, parse_url, read_token, rich_console
 
 EXIT_OK, EXIT_FAILED = 0, 2
 MAX_BODY = 64 * 1024 * 1024      # a week of minute rows for a few models is a few MiB
@@ -25,12 +25,10 @@ UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 PERIOD_FORMAT = {"minute": "%Y-%m-%d %H:%M", "hour": "%Y-%m-%d %H:00", "day": "%Y-%m-%d"}
 
 
-class UsageError(Exception):
+class UsageError(StatusError):
     """The daemon could not be asked, or it refused: one line for stderr."""
 
-    def line(self) -> str:
-        text = "".join(c if c.isprintable() else " " for c in str(self))
-        return "gpu-supervisor usage: " + " ".join(text.split())[:500]
+    command = "usage"
 
 
 def parse_since(raw: str | None, now: float) -> float | None:
@@ -129,13 +127,6 @@ def render(usage: dict, where: str) -> Any:
     return Group(head, t)
 
 
-def _console() -> Any:
-    """A rich console; off a terminal wide enough that rows keep one line each."""
-    from rich.console import Console
-    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-    return Console(soft_wrap=False, width=wide)
-
-
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("usage", help="show one client's usage (requests and tokens) from a running daemon")
     p.add_argument("--key", required=True, help="the client's key value, as the client sends it "
@@ -159,18 +150,14 @@ def main(args: argparse.Namespace, env: dict[str, str] | None = None) -> int:
         if not args.key:
             raise UsageError("--key must not be empty")
         target = usage_target(args.url, args.key, parse_since(args.since, time.time()), args.group_by)
-        try:
-            token = read_token(args.token_file, env)
-        except StatusError as exc:
-            raise UsageError(str(exc)) from None
-        usage = fetch(target, token, args.timeout)
-    except UsageError as exc:
-        print(exc.line(), file=sys.stderr)
+        usage = fetch(target, read_token(args.token_file, env), args.timeout)
+    except StatusError as exc:  # (a UsageError is one)
+        print(exc.line("usage"), file=sys.stderr)
         return EXIT_FAILED
     if args.json:
         print(json.dumps(usage, indent=1))
     else:
-        _console().print(render(usage, target.shown))
+        rich_console(160).print(render(usage, target.shown))
     return EXIT_OK
 
 

@@ -66,13 +66,22 @@ class RedisServer:
             Path(self.socket).unlink()
 
 
-@pytest.fixture
-async def redis_server():
+@contextlib.asynccontextmanager
+async def running_redis(port: int = 0):
+    """A started RedisServer in a temp dir, stopped and removed after."""
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     d = Path(tempfile.mkdtemp(prefix="rds-"))
-    server = RedisServer(d)
+    server = RedisServer(d, port=port)
     await server.start()
-    yield server
-    await server.stop()
-    shutil.rmtree(d, ignore_errors=True)
+    try:
+        yield server
+    finally:
+        await server.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+async def redis_server():
+    async with running_redis() as server:
+        yield server

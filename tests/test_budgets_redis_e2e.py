@@ -4,16 +4,13 @@ budget across both, and a Redis outage mid-run stops nothing (budgets fail open)
 
 from __future__ import annotations
 
-import shutil
-import socket
-import tempfile
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.harness import PYTHON, REPO_ROOT, fast_config
-from tests.redis_server import REDIS_SERVER, RedisServer
+from tests.harness import PYTHON, REPO_ROOT, fast_config, free_port
+from tests.redis_server import running_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -21,22 +18,10 @@ USAGE_WORKER = str(REPO_ROOT / "tests" / "workers" / "usage_worker.py")
 TPM = 1000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 async def redis_tcp():
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    d = Path(tempfile.mkdtemp(prefix="rds-"))
-    server = RedisServer(d, port=free_port())
-    await server.start()
-    yield server
-    await server.stop()
-    shutil.rmtree(d, ignore_errors=True)
+    async with running_redis(port=free_port()) as server:  # clients.store takes redis://HOST:PORT only
+        yield server
 
 
 def config(url: str) -> dict:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tomllib
@@ -26,7 +25,7 @@ import pytest
 import yaml
 from openai import AsyncOpenAI
 
-from tests.harness import PYTHON, REPO_ROOT, pid_alive, wait_until
+from tests.harness import PYTHON, REPO_ROOT, free_port, pid_alive, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.container]
 
@@ -63,12 +62,6 @@ async def apodman(*args: str, timeout: float = 60) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def remove_leftovers() -> None:

@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from grafana_foundation_sdk.models import dashboard as gdash
 from grafana_foundation_sdk.models import loki as gloki
 from grafana_foundation_sdk.models import prometheus as gprom
 
-from tests.harness import REPO_ROOT, fast_config, wait_until
+from tests.harness import REPO_ROOT, fast_config, free_port, wait_until
 from tests.otlp_receiver import OtlpReceiver
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "gpu-supervisor.json"
@@ -270,12 +269,6 @@ def test_every_query_parses_with_promtool(dash, tmp_path):
 
 
 # --- a real Prometheus scraping a real daemon
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 
 import aiohttp
@@ -23,7 +22,7 @@ from supervisor.status_cli import (
     shape_problem,
     worker_rows,
 )
-from tests.harness import REPO_ROOT, ctl_command, fast_config, wait_until
+from tests.harness import REPO_ROOT, ctl_command, fast_config, free_port, wait_until
 
 TOKEN = "s3cret-admin-token"
 
@@ -56,12 +55,6 @@ def one_error_line(err: str) -> str:
 async def admin_ready(port: int) -> bool:
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz") as r:
         return r.status == 200
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- against a real daemon ---------------------------------------------------------------------------------

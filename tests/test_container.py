@@ -124,13 +124,18 @@ class Running:
 
 @pytest.fixture(scope="module")
 def container(image: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    """The image running its own policy (configs/container.yaml: only the port changed, and a drain long
-    enough for this machine) with the tiny model at /model, on the host's network."""
+    """The image running its own policy (configs/container.yaml: only the port changed, and the drain, the
+    queue wait and the routes' deadlines long enough for a loaded machine, where LONG tokens can take over
+    a minute) with the tiny model at /model, on the host's network."""
     remove_leftovers()
     policy = yaml.safe_load((REPO_ROOT / "configs" / "container.yaml").read_text())
     port = free_port()
     policy["listen"]["port"] = port
     policy["drain"]["timeout_s"] = DRAIN_S
+    policy["queue"]["timeout_s"] = DRAIN_S
+    for route in policy["routes"]:
+        if route.get("timeout_s") is not None:
+            route["timeout_s"] = 2 * DRAIN_S
     policy_file = tmp_path_factory.mktemp("policy") / "policy.yaml"
     policy_file.write_text(yaml.safe_dump(policy, sort_keys=False))
     policy_file.chmod(0o644)

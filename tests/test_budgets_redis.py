@@ -47,7 +47,8 @@ async def budgets(redis_server):  # noqa: F811
     stores: list[RedisBudgetStore] = []
 
     def make() -> RedisBudgetStore:
-        s = RedisBudgetStore(redis_server.url)
+        # the store's semantics, not its timeouts: a loaded machine may take over the daemon's 0.25 s to connect
+        s = RedisBudgetStore(redis_server.url, connect_timeout_s=30, op_timeout_s=30)
         stores.append(s)
         return s
 

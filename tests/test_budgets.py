@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from supervisor.budgets import bucket
-from supervisor.budgets.core import Budgets, Charge, go_duration, rate_headers
+from supervisor.budgets.core import Budgets, Charge, go_duration, rate_headers, rate_lines
 from supervisor.budgets.metering import DEFAULT_OUTPUT, AnswerMeter, estimate, usage_of
-from supervisor.budgets.store import Limits, MemoryBudgetStore, StoreUnavailable, UsageRecord
+from supervisor.budgets.store import Limits, MemoryBudgetStore, RateState, StoreUnavailable, UsageRecord, _state
 from supervisor.config import Queue as QueueSettings
 from supervisor.config import parse
 from supervisor.errors import Rejected, error_parts
@@ -82,6 +82,24 @@ def test_a_take_is_all_or_nothing_and_says_when_there_is_room():
     assert not run(store.take("k", lim, 1)).admitted  # both requests used: the request bucket says no
     # another key has its own buckets
     assert run(store.take("other", lim, 600)).admitted
+
+
+@given(tpm=st.integers(0, 10_000), rpm=st.integers(0, 100),
+       takes=st.lists(st.tuples(st.floats(0, 10), st.integers(0, 20_000)), min_size=1, max_size=30))
+def test_a_take_reports_its_buckets_as_the_bucket_math_says(tpm, rpm, takes):
+    clock = Clock()
+    store = MemoryBudgetStore(clock)
+    lim = Limits(tpm, rpm)
+    for dt, tokens in takes:
+        clock.t += dt
+        before = store._refilled("k", rpm, tpm, clock.t)
+        req, tok = before.requests, before.tokens
+        wait = max(bucket.wait_s(req, 1, rpm) if req is not None else 0.0,
+                   bucket.wait_s(tok, tokens, tpm) if tok is not None else 0.0)
+        t = store.take_now("k", lim, tokens)
+        assert t.admitted == (wait == 0) and t.retry_after_s == pytest.approx(wait)
+        b = store._buckets["k"]
+        assert t.state == _state(b.requests, b.tokens, rpm, tpm)
 
 
 def test_settlement_gives_back_or_takes_more_and_a_refund_gives_back_the_request():
@@ -214,6 +232,20 @@ def test_a_json_answer_s_usage_is_its_own(answer_obj, want):
         assert m.result() == want
 
 
+@given(usage=st.dictionaries(st.sampled_from(["prompt_tokens", "completion_tokens", "total_tokens", "input_tokens",
+                                              "output_tokens", "prompt_tokens_details"]),
+                             st.one_of(st.integers(-5, 10**12), st.floats(0, 100), st.none(), st.just({"x": 1}))),
+       indent=st.sampled_from([None, 0, 2]), tail=st.booleans())
+def test_a_json_answer_s_usage_is_read_as_a_parser_reads_it(usage, indent, tail):
+    obj = {"id": "x", "choices": [{"message": {"content": "hi"}}], "usage": usage}
+    if tail:
+        obj["system_fingerprint"] = "fp"
+    raw = json.dumps(obj, indent=indent).encode()
+    m = AnswerMeter(b"application/json")
+    m.feed(raw)
+    assert m.result() == usage_of(json.loads(raw))
+
+
 def test_a_json_answer_is_metered_from_its_usage_in_pieces():
     raw = body(choices=[{"message": {"content": "hi"}}], usage={"prompt_tokens": 7, "completion_tokens": 2})
     m = AnswerMeter(b"application/json")
@@ -259,7 +291,7 @@ def answer(ch: Charge, status: int, usage: tuple[int, int] | None) -> None:
     raw = {"choices": []}
     if usage is not None:
         raw["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1]}
-    ch.begin(status, b"application/json").feed(json.dumps(raw).encode())
+    ch.answered(status, b"application/json", json.dumps(raw).encode())
 
 
 def sample(m: Metrics, name: str, **labels) -> float:
@@ -334,10 +366,18 @@ def test_the_worker_s_own_rate_headers_are_replaced():
     c = call_of("c", b"")
     run(b.charge(c, 0))
     h = [(b"X-RateLimit-Limit-Requests", b"9999"), (b"content-type", b"application/json")]
-    c.charge.add_headers(h, [k.lower() for k, _ in h])
-    assert h[0] == (b"content-type", b"application/json")
-    assert dict(h)[b"x-ratelimit-limit-requests"] == b"60" and dict(h)[b"x-ratelimit-remaining-requests"] == b"59"
+    h, lines = c.charge.add_headers(h, [k.lower() for k, _ in h])
+    assert h == [(b"content-type", b"application/json")]
+    assert lines == (b"x-ratelimit-limit-requests: 60\r\nx-ratelimit-remaining-requests: 59\r\n"
+                     b"x-ratelimit-reset-requests: 1s\r\n")
     assert rate_headers(c.charge.state)[2] == (b"x-ratelimit-reset-requests", b"1s")
+
+
+@given(st.tuples(st.integers(0, 10**9), st.integers(0, 10**9), st.floats(0, 120), st.integers(0, 10**9),
+                 st.integers(0, 10**9), st.floats(0, 120)))
+def test_rate_lines_are_the_rate_headers_written_out(figures):
+    state = RateState(*figures)
+    assert rate_lines(state) == b"".join(k + b": " + v + b"\r\n" for k, v in rate_headers(state))
 
 
 @pytest.mark.parametrize(("count", "want"), [("total", 15), ("output", 10), ("input", 5)])
@@ -356,12 +396,16 @@ def test_a_stream_without_usage_is_settled_with_its_chunks_and_an_error_without_
     run(b.charge(c, None))
     c.charge.begin(200, b"text/event-stream").feed(sse([{"content": "a"}] * 7, None))
     run(b.settle(c.charge))
+    w = call_of("c", chat(0, 100))  # a short stream answered whole: metered the same way
+    run(b.charge(w, None))
+    w.charge.answered(200, b"text/event-stream; charset=utf-8", sse([{"content": "a"}] * 3, None))
+    run(b.settle(w.charge))
     e = call_of("c", chat(0, 100))
     run(b.charge(e, None))
     answer(e.charge, 400, None)
     run(b.settle(e.charge))
-    assert remaining(store, c.client, Limits(1000))[1] == 993
-    assert [(r.input_tokens, r.output_tokens) for r in sink.records] == [(0, 7), (0, 0)]
+    assert remaining(store, c.client, Limits(1000))[1] == 990
+    assert [(r.input_tokens, r.output_tokens) for r in sink.records] == [(0, 7), (0, 3), (0, 0)]
 
 
 def test_a_store_that_is_down_fails_open_and_is_counted():

@@ -262,12 +262,14 @@ def test_response_headers_drop_hop_by_hop_and_add_the_supervisors_own():
     raw = [(b"Content-Type", b"text/plain"), (b"Connection", b"keep-alive"), (b"Keep-Alive", b"timeout=5"),
            (b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"5"), (b"Date", b"x"), (b"Set-Cookie", b"a=1"),
            (b"Set-Cookie", b"b=2"), (b"X-Request-ID", b"worker-id"), (b"Trailer", b"t"), (b"Upgrade", b"u")]
-    h = response_headers(raw, call, None)
-    assert response_headers(raw, call, None, [k.lower() for k, _ in raw]) == h
-    assert h == [(b"Content-Type", b"text/plain"), (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
-                 (b"X-Request-ID", b"req-1"), (b"X-Supervisor-Queue-Ms", b"12.500"), (b"X-Supervisor-Attempts", b"2")]
-    assert (b"X-Degraded", b"fallback: cpu") in response_headers([(b"X-Degraded", b"no")], call, "fallback: cpu")
-    assert (b"X-Degraded", b"no") not in response_headers([(b"X-Degraded", b"no")], call, "fallback: cpu")
+    h, lines = response_headers(raw, call, None)
+    assert response_headers(raw, call, None, [k.lower() for k, _ in raw]) == (h, lines)
+    assert h == [(b"Content-Type", b"text/plain"), (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")]
+    assert lines == b"X-Request-ID: req-1\r\nX-Supervisor-Queue-Ms: 12.500\r\nX-Supervisor-Attempts: 2\r\n"
+    h, lines = response_headers([(b"X-Degraded", b"no")], call, "fallback: cpu", replica=b"w/0")
+    assert h == [] and lines.endswith(b"X-Supervisor-Replica: w/0\r\nX-Degraded: fallback: cpu\r\n")
+    kept = [(b"Content-Type", b"text/plain")]
+    assert response_headers(kept, call, None)[0] is kept  # nothing dropped: not copied
 
 
 def test_sized_and_oom_answers():

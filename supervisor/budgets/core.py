@@ -19,7 +19,7 @@ import structlog
 
 from ..errors import Rejected
 from ..fairness import configured_key
-from .metering import AnswerMeter, Estimate, estimate
+from .metering import AnswerMeter, Estimate, estimate, json_usage
 from .store import BudgetStore, Limits, MemoryBudgetStore, RateState, StoreUnavailable, Take, UsageRecord, UsageSink
 
 if TYPE_CHECKING:
@@ -69,6 +69,25 @@ def rate_headers(st: RateState) -> list[tuple[bytes, bytes]]:
     return []
 
 
+_REQUEST_LINES = (b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: %d\r\n"
+                  b"x-ratelimit-reset-requests: %b\r\n")
+_TOKEN_LINES = (b"x-ratelimit-limit-tokens: %d\r\nx-ratelimit-remaining-tokens: %d\r\n"
+                b"x-ratelimit-reset-tokens: %b\r\n")
+_BOTH_LINES = _REQUEST_LINES + _TOKEN_LINES
+
+
+def rate_lines(st: RateState) -> bytes:
+    """`rate_headers` as whole header lines, made in one step (they go on every budgeted answer)."""
+    lr, rr, resr, lt, rt, rest = st
+    if lr:
+        if lt:
+            return _BOTH_LINES % (lr, rr, _reset(resr), lt, rt, _reset(rest))
+        return _REQUEST_LINES % (lr, rr, _reset(resr))
+    if lt:
+        return _TOKEN_LINES % (lt, rt, _reset(rest))
+    return b""
+
+
 def open_store(url: str) -> BudgetStore:
     """The budget store `clients.store` names: Redis shares buckets across daemons; with memory or
     SQLite (where usage is kept) each daemon keeps its buckets in memory."""
@@ -98,7 +117,7 @@ class Charge:
     """One request's budget, from admission to settlement."""
 
     __slots__ = ("key", "client", "estimate", "charged", "taken", "state", "meter", "status", "parallel",
-                 "settled", "retry_after_s", "deferred")
+                 "settled", "retry_after_s", "deferred", "whole", "used")
 
     def __init__(self, key: str, client: _Client, est: Estimate, charged: int):
         self.key = key
@@ -113,17 +132,21 @@ class Charge:
         self.settled = False
         self.retry_after_s: float | None = None  # refused: when to come back
         self.deferred = False  # a job's: nothing taken before, what it used is taken when it ends
+        self.whole = False  # a whole JSON answer went to the client (`used` is what it said), see answered()
+        self.used: tuple[int, int] | None = None
 
-    def add_headers(self, headers: list[tuple[bytes, bytes]], names: list[bytes]) -> None:
-        """Ours replace any x-ratelimit-* the worker sent (the client's budget here is what it has).
+    def add_headers(self, headers: list[tuple[bytes, bytes]],
+                    names: list[bytes]) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """The answer's headers without any x-ratelimit-* the worker sent (ours replace them: the client's
+        budget here is what it has), and ours as whole header lines (Responder.send_now's `lines`).
         `names`: the worker's header names, lowercased."""
         if self.state is None:
-            return
+            return headers, b""
         for n in names:
             if n.startswith(_RATELIMIT):
-                headers[:] = [kv for kv in headers if not kv[0].lower().startswith(_RATELIMIT)]
+                headers = [kv for kv in headers if not kv[0].lower().startswith(_RATELIMIT)]
                 break
-        headers += rate_headers(self.state)
+        return headers, rate_lines(self.state)
 
     def error_headers(self, headers: dict[str, str]) -> None:
         """The same headers on an answer the daemon makes itself; a refusal adds retry-after-ms."""
@@ -131,6 +154,17 @@ class Charge:
             headers.update((k.decode(), v.decode()) for k, v in rate_headers(self.state))
         if self.retry_after_s is not None:
             headers["retry-after-ms"] = str(max(1, math.ceil(self.retry_after_s * 1000)))
+
+    def answered(self, status: int, content_type: bytes | None, body: bytes) -> None:
+        """A whole worker answer goes to the client: from here the request is settled, not refunded. (A JSON
+        answer is read at once, without a meter: the usual answer, on every budgeted request.)"""
+        ct = content_type or b""
+        if b"json" in ct and not ct.startswith(b"text/event-stream"):
+            self.status = status
+            self.whole = True
+            self.used = json_usage(body)
+        else:
+            self.begin(status, ct).feed(body)
 
     def begin(self, status: int, content_type: bytes | None) -> AnswerMeter:
         """A worker answer starts going to the client: from here the request is settled, not refunded."""
@@ -258,13 +292,16 @@ class Budgets:
         self._release(ch)
         cl = ch.client
         meter = ch.meter
-        if meter is None:
+        if meter is not None:
+            used = meter.result()
+        elif ch.whole:
+            used = ch.used
+        else:
             return self._adjust(ch, -ch.charged, True) if ch.taken else None
         est = ch.estimate
-        used = meter.result()
         if used is not None:
             inp, out = used
-        elif meter.sse:
+        elif meter is not None and meter.sse:
             inp, out = est.input, meter.chunks
         elif ch.status >= 400:
             inp, out = 0, 0

@@ -18,11 +18,15 @@ CHARS_PER_TOKEN = 4
 JSON_LIMIT = 4 * 1024 * 1024  # a non-stream answer larger than this is not parsed (settled at the estimate)
 LINE_LIMIT = 1024 * 1024  # an SSE line longer than this is skipped
 _MAX_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+_PROMPT_KEYS = ("messages", "prompt", "input")
 _DECODER = json.JSONDecoder()
 _SCAN = _DECODER.scan_once  # (obj, end) of the JSON value at an index; StopIteration where there is none
 _WS = json.decoder.WHITESPACE.match
 _USAGE_KEY = b'"usage"'
 _USAGE_AT = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*')
+# the usual `usage` of an OpenAI-shaped answer, read without parsing it: its first two counts
+_USAGE_USUAL = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{[ \t\r\n]*"prompt_tokens"[ \t\r\n]*:[ \t\r\n]*(0|[1-9][0-9]{0,17})'
+                          rb'[ \t\r\n]*,[ \t\r\n]*"completion_tokens"[ \t\r\n]*:[ \t\r\n]*(0|[1-9][0-9]{0,17})[ \t\r\n]*[,}]')
 
 
 class Estimate(NamedTuple):
@@ -71,11 +75,14 @@ def estimate(body: bytes | None, content_length: int | None, path: str) -> Estim
     data = _json(body)
     if type(data) is not dict:
         return Estimate(_tokens(len(body)), 0, None)
-    prompt = _chars(data.get("messages")) + _chars(data.get("prompt")) + _chars(data.get("input"))
-    output = 0
+    prompt = 0
+    for k in _PROMPT_KEYS:
+        v = data.get(k)
+        if v is not None:
+            prompt += _chars(v)
     for k in _MAX_KEYS:
         v = data.get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        if type(v) is int and v >= 0 or isinstance(v, int) and not isinstance(v, bool) and v >= 0:
             output = v
             break
     else:
@@ -130,6 +137,9 @@ def _usage_at_end(body: bytes) -> tuple[int, int] | None:
     i = body.rfind(_USAGE_KEY)
     if i <= 0 or body[i - 1] == 0x5C:  # (a backslash: an escaped quote inside a string, not a key)
         return None
+    m = _USAGE_USUAL.match(body, i)
+    if m is not None:
+        return int(m[1]), int(m[2])
     m = _USAGE_AT.match(body, i)
     if m is None:
         return None
@@ -139,6 +149,15 @@ def _usage_at_end(body: bytes) -> tuple[int, int] | None:
     except (ValueError, RecursionError, StopIteration):
         return None
     return usage_of({"usage": obj})
+
+
+def json_usage(body: bytes) -> tuple[int, int] | None:
+    """(input, output) tokens from a whole JSON answer's `usage` (read from its end, else parsed), or None
+    (none, or the answer is over JSON_LIMIT)."""
+    if len(body) > JSON_LIMIT:
+        return None
+    u = _usage_at_end(body)
+    return u if u is not None else usage_of(_json(body))
 
 
 def _content_chunk(obj: dict) -> bool:
@@ -202,7 +221,5 @@ class AnswerMeter:
         if self.json and self.parts and self.usage is None and self.size <= JSON_LIMIT:
             body = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
             self.parts = []
-            self.usage = _usage_at_end(body)
-            if self.usage is None:
-                self.usage = usage_of(_json(body))
+            self.usage = json_usage(body)
         return self.usage

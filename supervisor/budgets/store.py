@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from math import floor
 from typing import NamedTuple, Protocol
 
 from . import bucket
@@ -170,15 +171,22 @@ class MemoryBudgetStore:
         tpm, rpm = limits
         b = self._refilled(key, rpm, tpm, self._clock())
         req, tok = b.requests, b.tokens
-        wait = max(bucket.wait_s(req, 1, rpm) if req is not None else 0.0,
-                   bucket.wait_s(tok, tokens, tpm) if tok is not None else 0.0)
-        if wait > 0:
+        # (bucket.wait_s and _state written out for the usual admitted take: this runs on every request)
+        if (req is not None and req < 1.0) or (tok is not None and tok < (tokens if tokens < tpm else tpm)):
+            wait = max(bucket.wait_s(req, 1, rpm) if req is not None else 0.0,
+                       bucket.wait_s(tok, tokens, tpm) if tok is not None else 0.0)
             return Take(False, wait, _state(req, tok, rpm, tpm))
+        rr = rt = 0
+        resr = rest = 0.0
         if req is not None:
             req = b.requests = req - 1
+            rr = floor(req) if req > 0 else 0
+            resr = (rpm - req) * bucket.PERIOD_S / rpm if req < rpm else 0.0
         if tok is not None:
             tok = b.tokens = tok - tokens
-        return Take(True, 0.0, _state(req, tok, rpm, tpm))
+            rt = floor(tok) if tok > 0 else 0
+            rest = (tpm - tok) * bucket.PERIOD_S / tpm if tok < tpm else 0.0
+        return Take(True, 0.0, RateState(rpm, rr, resr, tpm, rt, rest))
 
     async def adjust(self, key: str, limits: Limits, tokens: int, *, refund_request: bool = False) -> None:
         self.adjust_now(key, limits, tokens, refund_request)

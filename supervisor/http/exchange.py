@@ -195,10 +195,11 @@ class Exchange(InFlight):
             self.oom = is_oom(conn.headers, names)
             self.status = conn.status
             replica = self.replica
-            headers = response_headers(conn.headers, call, replica.degraded, names, replica.tag)
+            headers, lines = response_headers(conn.headers, call, replica.degraded, names, replica.tag)
             charge = call.charge
             if charge is not None:
-                charge.add_headers(headers, names)
+                headers, more = charge.add_headers(headers, names)
+                lines += more
             first: list[bytes] = []
             buffer_bytes = self.wire.limits.buffer_bytes
             if not conn.complete and call.method != "HEAD" and sized(conn.content_length, buffer_bytes):
@@ -210,11 +211,11 @@ class Exchange(InFlight):
                     self.record()
                     data = b"".join(first)
                     if charge is not None:
-                        charge.begin(conn.status, header_value(conn.headers, b"content-type")).feed(data)
-                    responder.send_now(conn.status, headers, data)
+                        charge.answered(conn.status, header_value(conn.headers, b"content-type"), data)
+                    responder.send_now(conn.status, headers, data, lines)
                     return conn.status
             if not conn.complete:
-                return await self.relay(request, responder, headers, first)
+                return await self.relay(request, responder, headers, lines, first)
             status, data, cl = conn.status, conn.take_buffered(), conn.content_length
             pool.put(conn)
         except BaseException:
@@ -223,16 +224,16 @@ class Exchange(InFlight):
             raise
         self.record()
         if charge is not None:
-            charge.begin(status, header_value(conn.headers, b"content-type")).feed(data)
+            charge.answered(status, header_value(conn.headers, b"content-type"), data)
         if call.method == "HEAD":
-            await responder.start(status, headers, int(cl) if cl is not None and cl.isdigit() else None)
+            await responder.start(status, headers, int(cl) if cl is not None and cl.isdigit() else None, lines)
             await responder.end()
             return status
-        responder.send_now(status, headers, data)
+        responder.send_now(status, headers, data, lines)
         return status
 
     async def relay(self, request: Request, responder: Responder, headers: list[tuple[bytes, bytes]],
-                    first: list[bytes]) -> int:
+                    lines: bytes, first: list[bytes]) -> int:
         """Stream the answer to the client while reading the worker as fast as it sends (nginx-style
         buffering, memory then disk), so a finished worker answer frees its slot whatever the client's
         speed; SSE still goes out event by event."""
@@ -243,7 +244,7 @@ class Exchange(InFlight):
         ctype = header_value(conn.headers, b"content-type")
         sse = (ctype or b"").startswith(b"text/event-stream")
         meter = call.charge.begin(conn.status, ctype) if call.charge is not None else None
-        await responder.start(conn.status, headers, int(cl) if cl is not None and cl.isdigit() else None)
+        await responder.start(conn.status, headers, int(cl) if cl is not None and cl.isdigit() else None, lines)
         lim = self.wire.limits
         spool = ResponseSpool(max(lim.buffer_bytes, STREAM_CHUNK), lim.spool_dir or tempfile.gettempdir(),
                               lim.spool_bytes)
@@ -339,7 +340,7 @@ class Exchange(InFlight):
             self.record()
             body = b"".join(chunks)
             if call.charge is not None:
-                call.charge.begin(self.status, ctype.encode("latin-1") if ctype else None).feed(body)
+                call.charge.answered(self.status, ctype.encode("latin-1") if ctype else None, body)
             return JobResult(status=self.status, content_type=ctype, body=body)
         finally:
             if conn is not None:

@@ -136,21 +136,22 @@ async def stream_body(request: Request, conn: UpstreamConnection, limit: int) ->
 
 # -- the answer, to the client -----------------------------------------------------------------------
 def response_headers(raw: list[tuple[bytes, bytes]], call: Call, degraded: str | None,
-                     names: list[bytes] | None = None, replica: bytes = b"") -> list[tuple[bytes, bytes]]:
-    """The worker's end-to-end headers, with the request id, queue time, attempts, the replica that answered
-    ("<worker>/<index>") and X-Degraded (ours replace any the worker sent under those names). `names`: the
-    header names lowercased, when known."""
+                     names: list[bytes] | None = None,
+                     replica: bytes = b"") -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The worker's end-to-end headers (`raw` itself when none is dropped: not copied), and ours as whole
+    header lines (Responder.send_now's `lines`): the request id, queue time, attempts, the replica that
+    answered ("<worker>/<index>") and X-Degraded. Ours replace any the worker sent under those names.
+    `names`: the header names lowercased, when known."""
     if names is None:
         names = [k.lower() for k, _ in raw]
-    h = [kv for lk, kv in zip(names, raw) if lk not in NOT_PASSED_ON]
-    h += ((b"X-Request-ID", call.rid.encode()), (b"X-Supervisor-Queue-Ms", b"%.3f" % (call.queued_s * 1000)),
-          (b"X-Supervisor-Attempts", b"%d" % call.attempt))
+    h = raw if NOT_PASSED_ON.isdisjoint(names) else [kv for lk, kv in zip(names, raw) if lk not in NOT_PASSED_ON]
+    lines = b"X-Request-ID: %b\r\nX-Supervisor-Queue-Ms: %.3f\r\nX-Supervisor-Attempts: %d\r\n" % (
+        call.rid.encode(), call.queued_s * 1000, call.attempt)
     if replica:
-        h.append((b"X-Supervisor-Replica", replica))
+        lines += b"X-Supervisor-Replica: %b\r\n" % replica
     if degraded:
-        h.append((b"X-Degraded", degraded.encode("latin-1")))
-    return h
-
+        lines += b"X-Degraded: %b\r\n" % degraded.encode("latin-1")
+    return h, lines
 
 
 def header_value(raw: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

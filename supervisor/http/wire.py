@@ -392,8 +392,10 @@ class Responder:
         handed to the transport and not waited on: a slow reader holds the bytes, not the handler."""
         self.send_now(status, headers, body)
 
-    def send_now(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
-        """`send`, for a caller that is not a coroutine (or saves making one): it never waits."""
+    def send_now(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"", lines: bytes = b"") -> None:
+        """`send`, for a caller that is not a coroutine (or saves making one): it never waits. `lines`:
+        header lines the caller made itself, whole ("Name: value\r\n" each, never framing headers),
+        written after `headers` as they are (the request path's own headers, formatted at once)."""
         if self.started:
             raise RuntimeError(f"{self!r} already answered")
         if not 200 <= status <= 999:
@@ -403,6 +405,8 @@ class Responder:
         assert req is not None
         parts = [STATUS_LINES.get(status) or status_line(status), conn.server.date_line()]
         keep = self._headers(parts, headers, req)
+        if lines:
+            parts.append(lines)
         self.started = True
         self.status = status
         no_body = self._no_body = req.method == "HEAD" or status == 204 or status == 304
@@ -433,9 +437,10 @@ class Responder:
         else:
             self._out = b"".join(parts)  # written once the answers before it are out
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None) -> None:
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
+                    lines: bytes = b"") -> None:
         """A streamed answer: its head now (after the answers before it). Chunked when `content_length` is None
-        on HTTP/1.1; delimited by closing the connection on HTTP/1.0."""
+        on HTTP/1.1; delimited by closing the connection on HTTP/1.0. `lines` as for `send_now`."""
         req = self._check(status)
         if content_length is not None and content_length < 0:
             raise ValueError(f"content_length must not be negative, got {content_length}")
@@ -444,6 +449,8 @@ class Responder:
             raise RuntimeError(f"{self!r} already answered")
         parts = [status_line(status), self._conn.server.date_line()]
         keep = self._headers(parts, headers, req)  # (raises before anything is started)
+        if lines:
+            parts.append(lines)
         self.started = True
         self.status = status
         self._no_body = req.method == "HEAD" or status == 204 or status == 304

@@ -102,6 +102,20 @@ def test_a_take_reports_its_buckets_as_the_bucket_math_says(tpm, rpm, takes):
         assert t.state == _state(b.requests, b.tokens, rpm, tpm)
 
 
+@given(req=st.floats(-1e4, 1e4), tok=st.floats(-1e6, 1e6), rpm=st.integers(1, 1000), tpm=st.integers(1, 10**6),
+       at=st.floats(0, 1e4), now=st.floats(0, 1e4))
+def test_the_store_refills_as_the_bucket_math_says(req, tok, rpm, tpm, at, now):
+    store = MemoryBudgetStore(Clock())
+    store._refilled("k", rpm, tpm, at)  # a bucket first seen: full
+    b = store._buckets["k"]
+    assert (b.requests, b.tokens, b.at) == (rpm, tpm, at)
+    b.requests, b.tokens = req, tok
+    b = store._refilled("k", rpm, tpm, now)
+    assert b.requests == bucket.refill(req, at, rpm, now) and b.tokens == bucket.refill(tok, at, tpm, now)
+    assert b.at == now
+    assert store._refilled("k", 0, tpm, now).requests is None  # a limit set to 0: its bucket dropped
+
+
 def test_settlement_gives_back_or_takes_more_and_a_refund_gives_back_the_request():
     clock = Clock()
     store = MemoryBudgetStore(clock)

@@ -101,12 +101,13 @@ def open_store(url: str) -> BudgetStore:
 class _Client:
     """A client's configured budget, its metric label and metric children."""
 
-    __slots__ = ("name", "label", "limits", "max_parallel", "tokens_in", "tokens_out", "limited")
+    __slots__ = ("name", "label", "limits", "budgeted", "max_parallel", "tokens_in", "tokens_out", "limited")
 
     def __init__(self, name: str | None, b: ClientBudget, metrics: Metrics):
         self.name = name
         self.label = name if name is not None else OTHER
         self.limits = Limits(b.tokens_per_minute, b.requests_per_minute)
+        self.budgeted = self.limits.limited  # a bucket is kept for it
         self.max_parallel = b.max_parallel
         self.tokens_in = metrics.client_count(self.label, "input")
         self.tokens_out = metrics.client_count(self.label, "output")
@@ -216,9 +217,11 @@ class Budgets:
         key = call.client or ""
         cl = self.clients.get(key) or self.default
         est = estimate(call.body, content_length, call.path)
-        tokens = self.counted(est.input, est.output)
+        count = self.count
+        tokens = est.input + est.output if count == "total" else est.output if count == "output" else est.input
         ch = call.charge = Charge(key, cl, est, tokens)
-        call.cost = min(max(tokens, 1) / TOKEN_QUANTUM, MAX_COST)
+        cost = tokens / TOKEN_QUANTUM
+        call.cost = MAX_COST if cost > MAX_COST else cost if tokens > 0 else 1 / TOKEN_QUANTUM
         if cl.max_parallel:
             n = self.parallel.get(key, 0)
             if n >= cl.max_parallel:
@@ -226,11 +229,16 @@ class Budgets:
                 self._refuse(ch, f"this client has {n} requests in flight, its max_parallel", 1.0)
             self.parallel[key] = n + 1
             ch.parallel = True
-        if not cl.limits.limited:
+        if not cl.budgeted:
             return None
         store = self.store
         if store.sync:
-            self._taken(ch, store.take_now(key, cl.limits, tokens))  # type: ignore[attr-defined]
+            take = store.take_now(key, cl.limits, tokens)  # type: ignore[attr-defined]
+            if take.admitted:  # (the usual case of _taken)
+                ch.state = take.state
+                ch.taken = True
+            else:
+                self._taken(ch, take)
             return None
         return self._take(ch)
 
@@ -289,7 +297,8 @@ class Budgets:
         if ch.settled:
             return None
         ch.settled = True
-        self._release(ch)
+        if ch.parallel:
+            self._release(ch)
         cl = ch.client
         meter = ch.meter
         if meter is not None:
@@ -311,7 +320,7 @@ class Budgets:
         cl.tokens_out.n += out
         if self.sink is not None:
             self.sink.record(UsageRecord(ch.key, cl.name, model or est.model, inp, out, time.time()))
-        if ch.taken or (ch.deferred and cl.limits.limited):
+        if ch.taken or (ch.deferred and cl.budgeted):
             delta = self.counted(inp, out) - ch.charged
             if delta:
                 return self._adjust(ch, delta, False)

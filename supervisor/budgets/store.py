@@ -149,10 +149,26 @@ class MemoryBudgetStore:
             if len(self._buckets) >= _PRUNE_AT:
                 self._prune(now)
             b = self._buckets[key] = _Buckets(now)
-        # a new limit starts full; a limit set to 0 by a reload drops its bucket
+        # a new limit starts full; a limit set to 0 by a reload drops its bucket. (bucket.refill written out:
+        # this runs twice on every budgeted request)
         r, t = b.requests, b.tokens
-        b.requests = (float(rpm) if r is None else bucket.refill(r, b.at, rpm, now)) if rpm else None
-        b.tokens = (float(tpm) if t is None else bucket.refill(t, b.at, tpm, now)) if tpm else None
+        dt = now - b.at
+        if rpm:
+            if r is None:
+                b.requests = float(rpm)
+            elif dt > 0:
+                r += dt * rpm / bucket.PERIOD_S
+                b.requests = r if r < rpm else float(rpm)
+        elif r is not None:
+            b.requests = None
+        if tpm:
+            if t is None:
+                b.tokens = float(tpm)
+            elif dt > 0:
+                t += dt * tpm / bucket.PERIOD_S
+                b.tokens = t if t < tpm else float(tpm)
+        elif t is not None:
+            b.tokens = None
         b.at = now
         return b
 

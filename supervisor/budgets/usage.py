@@ -208,7 +208,7 @@ class UsageLog:
 
     def record(self, usage: UsageRecord) -> None:
         """One answered request (the request path's UsageSink): counted now, written at the next flush."""
-        k = (usage.key, usage.model or "", minute_of(usage.at))
+        k = (usage.key, usage.model or "", int(usage.at // MINUTE_S) * MINUTE_S)  # (minute_of, on every answer)
         c = self._pending.get(k)
         if c is None:
             c = self._pending[k] = [0, 0, 0]

@@ -220,9 +220,14 @@ async def test_podman_stop_drains_the_requests_held_and_exits_0(container: Runni
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         return [chunk async for chunk in stream]
 
-    status_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+    status_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
 
     async def held() -> bool:
+        for t in (running, queued):  # one that ended already (answered, or failed) can never be held: say how
+            if t.done():
+                exc = t.exception()
+                raise AssertionError(f"a request ended before podman stop: {exc!r}" if exc is not None else
+                                     f"a request was answered before podman stop ({len(t.result())} chunks)")
         async with status_session.get(f"{container.url}/status") as r:
             q = (await r.json())["queue"]
         return q["inflight"] == 1 and q["total"] == 1
@@ -235,7 +240,7 @@ async def test_podman_stop_drains_the_requests_held_and_exits_0(container: Runni
     queued = asyncio.create_task(complete())
     stopper: asyncio.Task | None = None
     try:
-        await wait_until(held, 60, "one request generating and one queued", interval=0.05)
+        await wait_until(held, DRAIN_S / 2, "one request generating and one queued", interval=0.05)
         # podman stop sends the image's STOPSIGNAL (SIGTERM), and SIGKILL only after --time seconds
         stopper = asyncio.create_task(apodman("stop", "--time", str(DRAIN_S + 60), container.name,
                                               timeout=DRAIN_S + 90))

@@ -25,8 +25,11 @@ _WS = json.decoder.WHITESPACE.match
 _USAGE_KEY = b'"usage"'
 _USAGE_AT = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*')
 # the usual `usage` of an OpenAI-shaped answer, read without parsing it: its first two counts
-_USAGE_USUAL = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{[ \t\r\n]*"prompt_tokens"[ \t\r\n]*:[ \t\r\n]*(0|[1-9][0-9]{0,17})'
-                          rb'[ \t\r\n]*,[ \t\r\n]*"completion_tokens"[ \t\r\n]*:[ \t\r\n]*(0|[1-9][0-9]{0,17})[ \t\r\n]*[,}]')
+_WSP = rb"[ \t\r\n]*"
+_COUNT = rb"(0|[1-9][0-9]{0,17})"
+_USAGE_USUAL = re.compile(rb'"usage"' + _WSP + b":" + _WSP + rb"\{" + _WSP + b'"prompt_tokens"' + _WSP + b":" + _WSP
+                          + _COUNT + _WSP + b"," + _WSP + b'"completion_tokens"' + _WSP + b":" + _WSP + _COUNT
+                          + _WSP + b"[,}]")
 
 
 class Estimate(NamedTuple):

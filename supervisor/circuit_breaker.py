@@ -117,7 +117,7 @@ class CircuitBreaker:
         w.append((not ok, slow))
         self._failures += not ok
         self._slow += slow
-        if len(w) >= s.min_calls:
+        if (self._failures or self._slow) and len(w) >= s.min_calls:  # (none of either: nothing to trip on)
             if self.failure_rate >= s.failure_rate:
                 self._trip(now, f"failure rate {self.failure_rate:.2f} >= {s.failure_rate:g}")
             elif s.slow_call_s is not None and self.slow_rate >= s.slow_call_rate:

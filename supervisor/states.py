@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 
+# _IDENTITY_HASH: a member is a singleton that equals only itself, so its identity is a fit hash; Enum's own
+# __hash__ is a Python function, called on every `state in SERVING_STATES` of the request path.
+
 
 class WorkerState(enum.Enum):
+    __hash__ = object.__hash__  # see _IDENTITY_HASH
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"
@@ -19,6 +23,7 @@ class WorkerState(enum.Enum):
 
 
 class ExitReason(enum.Enum):
+    __hash__ = object.__hash__  # see _IDENTITY_HASH
     CRASH = "crash"
     OOM = "oom"
     HANG = "hang"
@@ -70,6 +75,7 @@ def check_move(old: WorkerState, new: WorkerState) -> None:
 
 
 class BreakerState(enum.Enum):
+    __hash__ = object.__hash__  # see _IDENTITY_HASH
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"

@@ -581,6 +581,9 @@ async def test_request_record_and_headers_view():
 def test_headers_view_and_path_decoding_alone():
     h = Headers([(b"Content-Type", b"a\xe9")])
     assert h.get("content-type") == "a\xe9" and list(h) == ["Content-Type"]
+    twice = Headers([(b"X-A", b"1"), (b"Host", b"h"), (b"x-a", b"2")])
+    assert twice.get("x-A") == "1" and twice.getall("X-A") == ["1", "2"] and twice.get("X-B", "no") == "no"
+    assert "HOST" in twice and "X-B" not in twice
     assert unquote_path("/a%2Fb") == "/a/b"  # as aiohttp's request.path
     assert unquote_path("/%FF%ZZ") == "/%FF%ZZ"  # not UTF-8, not %XX: left as sent
     assert unquote_path("/a+b") == "/a+b"

@@ -128,21 +128,21 @@ def _key(name: str) -> bytes:
 
 
 class Headers:
-    """Case-insensitive read-only view over a request's raw header list: a scan per lookup, no dict built
-    (a head holds at most max_headers fields). Names and values are latin-1 decoded."""
+    """Case-insensitive read-only view over a request's raw header list (which must not change once read).
+    Names and values are latin-1 decoded."""
 
-    __slots__ = ("_raw",)
+    __slots__ = ("_raw", "_first")
 
     def __init__(self, raw: list[tuple[bytes, bytes]]):
         self._raw = raw
+        self._first: dict[bytes, bytes] | None = None  # lowercased name -> its first value, made by the first get
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        key = _KEYS.get(name) or _key(name)
-        n = len(key)
-        for k, v in self._raw:
-            if len(k) == n and k.lower() == key:
-                return v.decode("latin-1")
-        return default
+        first = self._first
+        if first is None:  # one pass for all the lookups of a request (a client may send 15 fields)
+            first = self._first = {k.lower(): v for k, v in reversed(self._raw)}
+        v = first.get(_KEYS.get(name) or _key(name))
+        return default if v is None else v.decode("latin-1")
 
     def getall(self, name: str, default=None) -> list[str]:
         """Every value of `name`, in order; [] (or `default` when given) when there is none."""

@@ -748,6 +748,18 @@ def _fields(seg: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_CHUNK_EXT = re.compile(rb"(?:;%b(?:=(?:%b|%b))?)*" % (_TOKEN, _TOKEN, _QUOTED))
+
+
+def _bws_in_chunk_ext(seg: bytes) -> bool:
+    for m in re.finditer(rb"\r\n[0-9A-Fa-f]+([ \t]*;[^\r\n]*)\r\n", seg):
+        if re.search(rb"[ \t]", re.sub(rb'"(?:[^"\\]|\\.)*"', b"", m.group(1))):
+            return True
+    return False
+
+
 # the methods llhttp knows (HTTP and WebDAV, CalDAV, UPnP ...): any other is refused, as an unknown method
 LLHTTP_METHODS = frozenset(b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH "
                            b"SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY "
@@ -768,20 +780,26 @@ class Divergence:
 
 
 DIVERGENCES: tuple[Divergence, ...] = (
-    Divergence("unknown_method", ("ours_refuses", "ours_refuses_early"), r"^Invalid method",
+    Divergence("unknown_method", ("ours_refuses", "ours_refuses_early"),
+               r"^Invalid method|^Expected space after method",
                lambda seg: seg.split(b" ", 1)[0] not in LLHTTP_METHODS,
                "RFC 9110 9.1: a server SHOULD answer 501 to a method it does not know; llhttp refuses any method it "
                "does not know (400, at its first byte): h11 takes any token"),
     Divergence("bare_lf", ("ours_refuses", "ours_refuses_early"),
-               r"Missing expected CR|Missing expected LF|^Invalid header field char",
+               r"Missing expected CR|Missing expected LF|^Invalid header field char|^Expected CRLF after version",
                lambda seg: re.search(rb"(?<!\r)\n", seg) is not None,
                "RFC 9112 2.2: a recipient MAY take a bare LF as a line end (h11 does); this server refuses a bare CR "
                "or LF, as documented"),
+    Divergence("bare_cr", ("ours_refuses", "ours_refuses_early"), r"^Expected LF after|Missing expected LF",
+               lambda seg: re.search(rb"\r(?!\n)", seg) is not None,
+               "RFC 9112 2.2: a bare CR MUST be taken as invalid (or as SP); h11 takes one inside a chunk extension "
+               "as part of it"),
     Divergence("obs_fold", ("ours_refuses", "ours_refuses_early"), r"^Unexpected whitespace after header value",
-               lambda seg: any(line[:1] in (b" ", b"\t") for line in _head_lines(seg)[1:]),
-               "RFC 9112 5.2: a server MUST refuse obs-fold (400) or unfold it; h11 unfolds, this server refuses"),
+               lambda seg: re.search(rb"\r\n[ \t]", seg) is not None,
+               "RFC 9112 5.2: a server MUST refuse obs-fold (400) or unfold it; h11 unfolds (in trailers too), this "
+               "server refuses"),
     Divergence("control_in_field_value", ("ours_refuses", "ours_refuses_early"), r"^Invalid header value char",
-               lambda seg: any(re.search(rb"[\x01-\x08\x0a-\x1f\x7f]", v) for _, v in _fields(seg)),
+               lambda seg: re.search(rb"\r\n[^\r\n:]+:[^\r\n]*[\x01-\x08\x0b-\x1f\x7f]", seg) is not None,
                "RFC 9110 5.5: a field value holding CTLs is invalid (a recipient MAY keep them, as h11 does); this "
                "server refuses"),
     Divergence("http_uri_without_host", ("ours_refuses", "ours_refuses_early"), r"url schema|url",
@@ -827,6 +845,30 @@ DIVERGENCES: tuple[Divergence, ...] = (
                lambda seg: re.match(rb"[^ \r\n]+  +[^ \r\n]+ +HTTP/|[^ \r\n]+ +[^ \r\n]+  +HTTP/", seg) is not None,
                "RFC 9112 3: a recipient MAY split a request line on runs of whitespace (llhttp takes more than one "
                "SP between its parts; h11 refuses): the line still ends at its CRLF, no framing is in question"),
+    Divergence("space_after_chunk_size", ("ours_refuses", "ours_refuses_early"), r"^Invalid character in chunk size",
+               lambda seg: re.search(rb"\r\n[0-9A-Fa-f]+[ \t]+\r\n", seg) is not None,
+               "RFC 9112 7.1: chunk = chunk-size [ chunk-ext ] CRLF: whitespace after a size with no extension is "
+               "no chunk line (h11 takes it)"),
+    Divergence("bws_in_chunk_extension", ("ours_refuses", "ours_refuses_early"), r"^Invalid character in chunk",
+               _bws_in_chunk_ext,
+               "RFC 9112 7.1.1 allows BWS around a chunk extension's ';' and '=' (a sender MUST NOT make it, a "
+               "recipient MUST parse it); llhttp refuses it, and its only way to take it (a 'dangerous leniency') "
+               "also takes whitespace after a bare size: kept refused, a clear 400 only a non-conforming sender meets "
+               "(h11 refuses some of these shapes and takes others)"),
+    Divergence("chunk_extension_grammar", ("ours_refuses", "ours_refuses_early"), r"^Invalid character in chunk",
+               lambda seg: any(not _CHUNK_EXT.fullmatch(m.group(1))
+                               for m in re.finditer(rb"\r\n[0-9A-Fa-f]+(;[^\r\n]*)\r\n", seg)),
+               "RFC 9112 7.1.1: a chunk extension is ;token[=token/quoted-string]: llhttp refuses other bytes there "
+               "(h11 takes anything up to the line end)"),
+    Divergence("absolute_target_other_scheme", ("ours_refuses", "ours_refuses_early"), r"url schema",
+               lambda seg: (m := re.match(rb"[A-Z]+ ([A-Za-z][A-Za-z0-9+.-]*)://", seg)) is not None
+               and m.group(1).lower() not in (b"http", b"https"),
+               "an absolute-form target names http or https here (llhttp refuses any other scheme, and this origin "
+               "serves no other); h11 takes any target"),
+    Divergence("te_trailing_htab", ("ours_refuses", "ours_refuses_early"), r"Transfer-Encoding",
+               lambda seg: re.search(rb"(?i)\r\ntransfer-encoding:[ \t]*chunked *\t[ \t]*\r\n", seg) is not None,
+               "a tab after 'chunked' is OWS (RFC 9112 5.1) but llhttp takes it for another coding: refused, as the "
+               "corpus's te_trailing_tab says (h11 strips it)"),
     Divergence("content_length_overflow", ("ours_refuses_early",), r"Content-Length",
                lambda seg: any(k == b"content-length" and len(v) > 18 for k, v in _fields(seg)),
                "a Content-Length past 2^63 can be no real body (RFC 9110 8.6: guard against overflow): refused at "

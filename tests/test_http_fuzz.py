@@ -21,8 +21,9 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import h11
@@ -41,6 +42,7 @@ from supervisor.http.server import (
 )
 from tests.harness import wait_until
 
+R = TypeVar("R")
 T = 20.0  # the failure bound of any one wait (each is over in milliseconds, or in a fuzz server's timeouts)
 def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None,
@@ -115,7 +117,8 @@ class Served:
             self._thread.join(T)
             self.loop.close()
 
-    def call(self, coro):  # noqa: ANN001, ANN201 - any coroutine, its result
+    def call(self, coro: Coroutine[Any, Any, R]) -> R:
+        """Run `coro` on the server's loop; its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(T + 5)
 
     def wait(self, pred: Callable[[], bool], what: str) -> None:
@@ -341,7 +344,7 @@ class Msg:
     wire_body: bytes  # the body as framed on the wire
     keep_alive: bool
     expect_100: bool
-    ows: list[bytes] = field(default_factory=list)  # the whitespace around each field's value
+    ows: list[bytes]  # the whitespace before each field's value
 
     def encode(self) -> bytes:
         lines = [b"%s %s HTTP/%s" % (self.method.encode(), self.target, self.version.encode())]

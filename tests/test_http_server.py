@@ -178,6 +178,9 @@ CORPUS: list[tuple[str, bytes, int | str]] = [
                                     b"Content-Length: 1099511627776"), 413),
     ("host_duplicate", req(b"GET / HTTP/1.1", H, b"Host: evil"), 400),
     ("host_duplicate_other_case", req(b"GET / HTTP/1.1", H, b"HOST: x"), 400),
+    # RFC 9112 3.2 (found by tests/test_http_fuzz.py against h11; it was answered 200)
+    ("host_missing_on_http11", req(b"GET / HTTP/1.1", CLOSE), 400),
+    ("host_missing_on_http11_pipelined", req(b"GET / HTTP/1.1") + req(b"GET /b HTTP/1.1", H, CLOSE), 400),
     # bytes that are not allowed in a head
     ("nul_in_header_value", req(b"GET / HTTP/1.1", H, b"X-A: a\x00b"), 400),
     ("nul_in_header_name", req(b"GET / HTTP/1.1", H, b"X\x00A: ab"), 400),
@@ -251,7 +254,7 @@ CORPUS: list[tuple[str, bytes, int | str]] = [
                                 b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"), 200),
     ("leading_empty_line", b"\r\n" + req(b"GET / HTTP/1.1", H, CLOSE), 200),
     ("obs_text_in_value_allowed", req(b"GET / HTTP/1.1", H, b"X-A: caf\xe9", CLOSE), 200),
-    ("no_host_on_http11_allowed", req(b"GET / HTTP/1.1", CLOSE), 200),
+
     ("http10_without_host", req(b"GET / HTTP/1.0"), 200),
 ]
 
@@ -934,6 +937,20 @@ async def test_expect_continue_nothing_written_until_send_continue():
                     rest += await loop.sock_recv(sock, 4096)
             assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and b"100 Continue" not in rest
     assert bodies == [b"hello"]
+
+
+async def test_expect_continue_with_trailing_whitespace_is_honoured():
+    """Regression (found by tests/test_http_fuzz.py): the whitespace after a field value is OWS, not part of it."""
+    async def handler(request: Request, responder: Responder) -> None:
+        await request.send_continue()
+        await responder.send(200, [], await request.read(10))
+
+    async with serving(handler) as (_, port):
+        for value in (b"100-continue ", b"100-Continue\t", b"100-continue \t "):
+            raw = req(b"POST / HTTP/1.1", H, b"Expect: " + value, b"Content-Length: 2", CLOSE, body=b"ab")
+            [cont, a] = await roundtrip(port, raw)
+            assert (cont.status, cont.head) == (100, b"HTTP/1.1 100 Continue\r\n\r\n")
+            assert a.status == 200 and a.body == b"ab"
 
 
 async def test_expect_continue_refused_first_never_sends_100():

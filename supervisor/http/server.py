@@ -6,8 +6,8 @@ not digits or overflows, Content-Length with Transfer-Encoding, a Transfer-Encod
 chunked, obs-fold, bare CR or LF line ends, NUL and other controls in the head, unknown methods, bad targets
 and versions, bad chunk sizes. This module adds what llhttp does not check (aiohttp did, or should have):
 the request line and header field limits (414/431) and the header count (431), a second Host or
-Transfer-Encoding header, any Transfer-Encoding but a lone `chunked` (400, as aiohttp; nginx says 501),
-Transfer-Encoding on HTTP/1.0, protocols llhttp also parses (RTSP/x.y, ICE/x.y), HTTP/2.0 (400) and
+Transfer-Encoding header, no Host on HTTP/1.1, any Transfer-Encoding but a lone `chunked` (400, as aiohttp;
+nginx says 501), Transfer-Encoding on HTTP/1.0, protocols llhttp also parses (RTSP/x.y, ICE/x.y), HTTP/2.0 (400) and
 HTTP/0.9 (closed with no answer), and a Content-Length over max_body_bytes (413 before the body is read).
 A head has a deadline (slowloris), an idle kept-alive connection a timeout, a body flow control, and
 pipelined requests are answered in order. Upgrade is never taken (no 101): such a request, its body and the
@@ -586,8 +586,8 @@ class HttpConnection(_Answering, asyncio.Protocol):
                 if self._te is not None:
                     raise _Refusal(400, "bad_request", "duplicate Transfer-Encoding header")
                 self._te = value
-            elif lk == b"expect":
-                self._expect = value.lower() == b"100-continue"
+            elif lk == b"expect":  # (llhttp keeps a value's trailing whitespace: OWS, not part of it)
+                self._expect = value.rstrip(b" \t").lower() == b"100-continue"
         h.append((name, value))
 
     def _odd_header(self, name: bytes, value: bytes) -> None:
@@ -619,6 +619,8 @@ class HttpConnection(_Answering, asyncio.Protocol):
             raise _Refusal(400, "bad_request", "not an HTTP request line (HTTP/1.0 and HTTP/1.1 only)")
         if version is None:
             raise _Refusal(400, "bad_request", f"HTTP/{ver} is not served here (HTTP/1.0 and HTTP/1.1 only)")
+        if not self._host and version == (1, 1):  # RFC 9112 3.2: MUST be refused
+            raise _Refusal(400, "bad_request", "no Host header in an HTTP/1.1 request")
         chunked = False
         te = self._te
         if te is not None:

@@ -44,9 +44,12 @@ from tests.harness import wait_until
 
 R = TypeVar("R")
 T = 20.0  # the failure bound of any one wait (each is over in milliseconds, or in a fuzz server's timeouts)
+
+
 def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
 
 # what a client may see from the HTTP layer (400 413 414 431 408) and the echo handler (100 200 408 400 413)
 FINAL_STATUSES = frozenset((200, 400, 408, 413, 414, 431))

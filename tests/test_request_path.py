@@ -9,6 +9,7 @@ import json
 import pytest
 
 from supervisor import config as cfg
+from supervisor.budgets.metering import estimate
 from supervisor.errors import Rejected
 from supervisor.http.call import NO_WORKER, Call, CallPlanner, body_model
 from supervisor.http.exchange import Exchange, Wire
@@ -204,6 +205,20 @@ def test_body_model():
     with pytest.raises(Rejected) as ei:
         body_model(b'{"model": 3}')
     assert ei.value.message == "model: must be a string naming a served model, not int"
+
+
+def test_a_call_s_body_is_parsed_once_for_all_its_readers():
+    call = Call("r", 0.0, "POST", "/v1/chat/completions", 0)
+    assert call.document() is None  # no body held yet: nothing kept as read
+    call.body = b'{"model": "m1", "messages": [{"role": "user", "content": "hi"}], "user": "u"}'
+    doc = call.document()
+    assert doc == json.loads(call.body) and call.document() is doc  # the same object: parsed once
+    assert estimate(call.body, None, call.path, doc) == estimate(call.body, None, call.path)
+    for body in (b"", b"{not json", b"[1]", '{"model": "\u00e9"}'.encode("utf-16")):  # UTF-8 only (RFC 8259)
+        c = Call("r", 0.0, "POST", "/", 0)
+        c.body = body
+        assert (c.document() is None) == (body != b"[1]")
+        assert estimate(body, len(body), "/", c.document()) == estimate(body, len(body), "/")
 
 
 def test_models_changed_says_whether_routing_reads_the_body():

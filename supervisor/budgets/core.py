@@ -216,7 +216,7 @@ class Budgets:
         """`charge`, done here when the store never suspends (memory); else what is left to await."""
         key = call.client or ""
         cl = self.clients.get(key) or self.default
-        est = estimate(call.body, content_length, call.path)
+        est = estimate(call.body, content_length, call.path, call.document())
         count = self.count
         tokens = est.input + est.output if count == "total" else est.output if count == "output" else est.input
         ch = call.charge = Charge(key, cl, est, tokens)
@@ -266,7 +266,7 @@ class Budgets:
         it used when it ends, so a client's jobs spend the same budget as its requests."""
         key = call.client or ""
         cl = self.clients.get(key) or self.default
-        est = estimate(call.body, None, call.path)
+        est = estimate(call.body, None, call.path, call.document())
         ch = call.charge = Charge(key, cl, est, 0)
         ch.deferred = True
         call.cost = min(max(self.counted(est.input, est.output), 1) / TOKEN_QUANTUM, MAX_COST)

@@ -68,14 +68,18 @@ def _tokens(chars: int) -> int:
     return -(-chars // CHARS_PER_TOKEN)
 
 
-def estimate(body: bytes | None, content_length: int | None, path: str) -> Estimate:
+_UNPARSED: Any = object()
+
+
+def estimate(body: bytes | None, content_length: int | None, path: str, document: Any = _UNPARSED) -> Estimate:
     """The estimate of a request. `body` None: streamed through unread (too large to hold), estimated
-    from its length. A body that is not a JSON object is input only (its length / 4)."""
+    from its length. A body that is not a JSON object is input only (its length / 4). `document`: the body
+    already parsed by json_document (Call.document), when it was."""
     if body is None:
         return Estimate(_tokens(content_length or 0), DEFAULT_OUTPUT, None)
     if not body:
         return Estimate(0, 0, None)
-    data = _json(body)
+    data = json_document(body) if document is _UNPARSED else document
     if type(data) is not dict:
         return Estimate(_tokens(len(body)), 0, None)
     prompt = 0
@@ -95,7 +99,7 @@ def estimate(body: bytes | None, content_length: int | None, path: str) -> Estim
     return Estimate(_tokens(prompt), output, model if isinstance(model, str) else None)
 
 
-def _json(raw: bytes) -> Any:
+def json_document(raw: bytes) -> Any:
     """A UTF-8 JSON document (RFC 8259 allows no other encoding between systems), or None. (The C scanner
     called directly, as JSONDecoder.decode does through two Python frames: this runs on every request.)"""
     try:
@@ -160,7 +164,7 @@ def json_usage(body: bytes) -> tuple[int, int] | None:
     if len(body) > JSON_LIMIT:
         return None
     u = _usage_at_end(body)
-    return u if u is not None else usage_of(_json(body))
+    return u if u is not None else usage_of(json_document(body))
 
 
 def _content_chunk(obj: dict) -> bool:
@@ -210,7 +214,7 @@ class AnswerMeter:
         for line in lines:
             if not line.startswith(b"data:"):
                 continue
-            obj = _json(line[5:])
+            obj = json_document(line[5:])
             if type(obj) is not dict:
                 continue  # [DONE], or not JSON
             u = usage_of(obj)

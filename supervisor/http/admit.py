@@ -15,7 +15,7 @@ from ..jobs.store import Conflict, Full, StoreUnavailable
 from ..metrics import REJECT_REASONS
 from ..pressure import Level, sheds
 from ..request_queue import QueueFull
-from .call import body_model
+from .call import model_of
 from .framing import read_body, send_continue
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class Admission:
         planner = self.planner
         await send_continue(request, call)
         call.body = await read_body(request, self.settings.limits.max_body_bytes)
-        call.model = body_model(call.body)
+        call.model = model_of(call.document())
         call.route = planner.route(call.method, call.path, call.model)
         planner.plan(call, timeout=request.headers.get(planner.timeout_header))
         self._session(call, request.headers)

@@ -3,12 +3,12 @@ job alike (`CallPlanner`): level, route, worker group, pool, deadline and retry 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ..budgets.metering import json_document
 from ..errors import Rejected
 from ..fairness import client_key
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..trace_spans import Trace
 
 NO_WORKER = "none"  # the worker label of a request refused before it had one
+_UNREAD: Any = object()
 
 
 class Call:
@@ -28,7 +29,7 @@ class Call:
     __slots__ = ("rid", "t0", "method", "path", "level", "route", "group", "pool", "gpu_mb", "queue_limit",
                  "deadline", "body", "retry_ok", "max_attempts", "attempt", "queued_s", "hangs", "client",
                  "worker_label", "model", "continue_sent", "peer", "session", "blocks", "affinity_read", "trace",
-                 "charge", "cost")
+                 "charge", "cost", "_doc")
 
     def __init__(self, rid: str, t0: float, method: str, path: str, level: int):
         self.rid = rid
@@ -59,20 +60,33 @@ class Call:
         self.trace: Trace | None = None  # its spans, when tracing is on
         self.charge: Charge | None = None  # its client's budget (supervisor.budgets), when clients are configured
         self.cost = 1.0  # what fairness (DRR) charges it: 1 a request, or its estimate with budgets on
+        self._doc: Any = _UNREAD  # the held body as JSON, see document()
+
+    def document(self) -> Any:
+        """The held body parsed as a JSON document (None when it is not one, or no body is held), parsed
+        once for all who read it: model routing, affinity, the budget's estimate."""
+        doc = self._doc
+        if doc is _UNREAD:
+            body = self.body
+            if body is None:
+                return None  # (not held yet, or streamed through: not kept as read)
+            doc = self._doc = json_document(body) if body else None
+        return doc
 
 
 def body_model(body: bytes) -> str | None:
-    """The JSON body's `model`, if it is a JSON object that names one. A body that is not JSON, or
-    names none, routes by path; a `model` that is not a string is the client's error."""
-    if not body or body.lstrip()[:1] != b"{":
+    """The JSON body's `model`, if it is a JSON object that names one (see model_of)."""
+    return model_of(json_document(body) if body else None)
+
+
+def model_of(data: Any) -> str | None:
+    """A parsed body's `model`. A body that is not a JSON object, or names none, routes by path; a `model`
+    that is not a string is the client's error."""
+    if not isinstance(data, dict):
         return None
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
+    m = data.get("model")
+    if m is None:
         return None
-    if not isinstance(data, dict) or "model" not in data or data["model"] is None:
-        return None
-    m = data["model"]
     if not isinstance(m, str):
         raise Rejected("bad_request", f"model: must be a string naming a served model, not {type(m).__name__}")
     return m
@@ -165,7 +179,7 @@ class CallPlanner:
         call = Call(rid, time.monotonic(), req.method, path, self.named_level(req.priority))
         call.body = req.body
         call.client = req.fairness_key
-        call.model = body_model(req.body) if self.by_model else None
+        call.model = model_of(call.document()) if self.by_model else None
         call.route = self.route(call.method, path, call.model)
         left = None if req.deadline_at is None else req.deadline_at - wall_now
         self.plan(call, left=left, pinned=req.worker, retry_ok=req.retry_safe)

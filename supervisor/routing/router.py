@@ -9,7 +9,6 @@ death picks again among those left.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -111,13 +110,7 @@ class GroupRouter:
         call.affinity_read = True
         if affinity == "session" and call.session is not None:
             return
-        data = None
-        body = call.body
-        if body and body.lstrip()[:1] == b"{":
-            try:
-                data = json.loads(body)
-            except (ValueError, RecursionError):
-                data = None
+        data = call.document()
         if not isinstance(data, dict):
             return
         if affinity == "session":

@@ -214,6 +214,8 @@ def test_a_call_s_body_is_parsed_once_for_all_its_readers():
     doc = call.document()
     assert doc == json.loads(call.body) and call.document() is doc  # the same object: parsed once
     assert estimate(call.body, None, call.path, doc) == estimate(call.body, None, call.path)
+    call.forget_document()  # its readers are done: not held any longer (parsed again if asked)
+    assert call.document() is not doc and call.document() == doc
     for body in (b"", b"{not json", b"[1]", '{"model": "\u00e9"}'.encode("utf-16")):  # UTF-8 only (RFC 8259)
         c = Call("r", 0.0, "POST", "/", 0)
         c.body = body

@@ -73,6 +73,10 @@ class Call:
             doc = self._doc = json_document(body) if body else None
         return doc
 
+    def forget_document(self) -> None:
+        """Its readers are done: the parsed body is not kept (the body itself is, for a retry)."""
+        self._doc = _UNREAD
+
 
 def body_model(body: bytes) -> str | None:
     """The JSON body's `model`, if it is a JSON object that names one (see model_of)."""

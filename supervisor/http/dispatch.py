@@ -46,6 +46,8 @@ class Dispatcher:
         call may be repeated; the queue slot of each attempt is released whatever happens."""
         g = call.group
         assert g is not None
+        if g.spec.routing.affinity == "none":
+            call.forget_document()  # read at admission only: not held while the call waits its turn
         state = self.run
         requeued = False
         while True:

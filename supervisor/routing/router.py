@@ -109,8 +109,10 @@ class GroupRouter:
             return
         call.affinity_read = True
         if affinity == "session" and call.session is not None:
+            call.forget_document()
             return
         data = call.document()
+        call.forget_document()  # (the last reader)
         if not isinstance(data, dict):
             return
         if affinity == "session":

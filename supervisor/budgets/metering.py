@@ -89,7 +89,7 @@ def estimate(body: bytes | None, content_length: int | None, path: str, document
             prompt += _chars(v)
     for k in _MAX_KEYS:
         v = data.get(k)
-        if type(v) is int and v >= 0 or isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
             output = v
             break
     else:

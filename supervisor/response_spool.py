@@ -129,6 +129,7 @@ class ResponseSpool:
         if self._reading:
             raise SpoolError("one reader at a time")
         self._reading = True
+        loop = asyncio.get_running_loop()  # (once: on Python 3.11 each call is a getpid() system call)
         try:
             while True:
                 self._check_open()
@@ -142,7 +143,7 @@ class ResponseSpool:
                 elif self.finished:
                     return
                 else:
-                    self._waiter = asyncio.get_running_loop().create_future()
+                    self._waiter = loop.create_future()
                     try:
                         await self._waiter
                     finally:

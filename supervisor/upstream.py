@@ -74,11 +74,13 @@ class UpstreamConnection(asyncio.Protocol):
         "_body_waiter", "_complete", "_error", "_got_bytes", "_paused", "_write_paused",
         "_drain_waiter", "closed", "keep_alive", "_length_known", "_head_request", "used",
         "last_rx", "last_tx", "outstanding", "_in_head", "_head_bytes", "_interim", "_max_head", "_max_headers",
-        "names", "content_length",
+        "names", "content_length", "loop",
     )
 
-    def __init__(self, pool: UpstreamPool):
+    def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop):
         self.pool = pool
+        # (kept: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call)
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.used = 0
@@ -292,7 +294,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self._write_paused and not self.closed:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiter = self.loop.create_future()
             await self._drain_waiter
             self._drain_waiter = None
         if self.closed and self._error is not None:
@@ -304,7 +306,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset()
         self._head_request = head_request
         self.used += 1
-        self._hdr_future = asyncio.get_running_loop().create_future()
+        self._hdr_future = self.loop.create_future()
         self.outstanding = True
         self.last_rx = self.last_tx = _monotonic()
         assert self.transport is not None
@@ -347,7 +349,7 @@ class UpstreamConnection(asyncio.Protocol):
                 raise self._error
             if self._complete:
                 return b""
-            self._body_waiter = asyncio.get_running_loop().create_future()
+            self._body_waiter = self.loop.create_future()
             try:
                 await self._body_waiter
             finally:
@@ -391,7 +393,7 @@ class UpstreamPool:
     async def connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
-            _, proto = await loop.create_unix_connection(lambda: UpstreamConnection(self), self.path)
+            _, proto = await loop.create_unix_connection(lambda: UpstreamConnection(self, loop), self.path)
         except OSError as exc:
             raise UpstreamError("connect", f"cannot connect to worker socket: {exc.strerror or exc}") from None
         self._all.add(proto)

@@ -256,8 +256,7 @@ class Exchange(InFlight):
                 if meter is not None:
                     meter.feed(chunk)
                 try:
-                    async with asyncio.timeout(client_timeout):
-                        await responder.write(chunk)
+                    await responder.write(chunk, client_timeout)  # (a timer only while the client's buffer is full)
                 except TimeoutError:
                     # the client reads nothing: drop it, never hold the worker for it
                     log.warning("client_stalled", request_id=call.rid, client_timeout_s=client_timeout)

@@ -196,12 +196,18 @@ class _Answering:
             raise ConnectionResetError("the client closed the connection")
         self._transport.write(data)  # type: ignore[union-attr]
 
-    async def drain(self) -> None:
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Wait while the client's socket buffer is full (TimeoutError past `timeout_s` of waiting). A timer
+        only while it waits: a write that does not block, as most stream chunks, arms none."""
         if self._write_paused and not self.closed:
             w = self._drain_waiter
             if w is None or w.done():
                 w = self._drain_waiter = self.loop.create_future()
-            await w
+            if timeout_s is None:
+                await w
+            else:
+                async with asyncio.timeout(timeout_s):
+                    await w
         if self.closed or self.lingering:
             raise ConnectionResetError("the client closed the connection")
 

@@ -469,8 +469,9 @@ class Responder:
         parts.append(b"\r\n")
         self._conn.write(b"".join(parts))
 
-    async def write(self, data: bytes) -> None:
-        """A piece of a streamed answer; waits while the client's socket buffer is full."""
+    async def write(self, data: bytes, timeout_s: float | None = None) -> None:
+        """A piece of a streamed answer; waits while the client's socket buffer is full (TimeoutError when
+        the client takes nothing for `timeout_s`)."""
         if not self.started or self._finished:
             raise RuntimeError("write() needs a started, unfinished answer (call start() first)")
         conn = self._conn
@@ -487,7 +488,7 @@ class Responder:
                     raise RuntimeError(f"answer body over its Content-Length ({len(data)} bytes, {left} left)")
                 self._left = left - len(data)
             conn.write(data)
-        await conn.drain()
+        await conn.drain(timeout_s)
 
     async def end(self) -> None:
         """The end of a streamed answer: its last chunk; then keep-alive or close, as negotiated. An answer

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
-from bench.common import free_port, save_results, stop_all, wait_http  # noqa: E402
+from bench.common import cpu_seconds, free_port, save_results, stop_all, wait_http  # noqa: E402
 
 PY = sys.executable
 USAGE_WORKER = REPO / "tests" / "workers" / "usage_worker.py"
@@ -100,8 +99,7 @@ class Daemon:
 
     def cpu_s(self) -> float:
         """The daemon process's user + system CPU seconds so far."""
-        fields = Path(f"/proc/{self.procs[0].pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.procs[0].pid)
 
 
 # -- delivered ------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, nginx_conf, stop_all  # noqa: E402
+from bench.common import cpu_seconds, free_port, nginx_conf, stop_all  # noqa: E402
 
 PY = sys.executable
 
@@ -113,15 +113,6 @@ async def worker_busy(sock: Path) -> dict:
             data = await r.json()
     data["cpu_s"] = cpu_seconds(data["pid"])
     return data
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (a procfs read; Linux only)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], p: float) -> float | None:

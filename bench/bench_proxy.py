@@ -2,19 +2,23 @@
 
 The supervisor spawns the upstream (bench/trivial_upstream.py, a fake OpenAI server) as its worker (Unix
 socket in a known runtime dir, plus a TCP port for the direct path); nginx proxies to that same socket with
-keep-alive, and so does the bare aiohttp proxy (the baseline). wrk drives each in turn, at 1 connection
-(latency) and at N connections (throughput), in two scenarios:
+keep-alive, and so do the bare aiohttp proxy (the baseline) and the floor (bench/floor_proxy.py: the
+daemon's own HTTP server and upstream pool forwarding with no bookkeeping at all, so the gap between it and
+gpu-supervisor is what the request path's admission, queue, routing, breaker and metrics cost). wrk drives
+each in turn, at 1 connection (latency) and at N connections (throughput), in two scenarios:
 
-- get: `GET /hello` to direct, nginx, the aiohttp proxy and gpu-supervisor;
+- get: `GET /hello` to direct, nginx, the aiohttp proxy, the floor and gpu-supervisor;
 - openai: `POST /v1/chat/completions` with a small JSON body and `Authorization: Bearer sk-bench` to the
-  same four and to LiteLLM's proxy (one worker, a master key, no database) in front of the upstream's TCP
+  same five and to LiteLLM's proxy (one worker, a master key, no database) in front of the upstream's TCP
   port. LiteLLM is the `litellm` of `--litellm PATH`, else of PATH, else of the repo's .venv-bench/;
   without one its column is skipped.
 
 With `--tracing [RATIO]`, the daemon traces requests (`tracing.sample_ratio`, default 1: every request) to
 a local OTLP/HTTP sink (bench/otlp_sink.py), whose counts are printed and saved with the results.
 
-Prints a table per scenario and the ratios, and writes bench/results/proxy-<upstream>.json.
+Each front's own CPU time per request (its processes' user + system time over the run, from /proc) is
+printed beside its throughput. Prints a table per scenario and the ratios, and writes
+bench/results/proxy-<upstream>.json.
 
     python bench/bench_proxy.py [--duration 10] [--connections 32] [--scenario get|openai|both] [--tracing [RATIO]]
 """
@@ -37,7 +41,7 @@ ROOT = HERE.parent
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, nginx_conf, save_results, stop_all, wait_http, wrk  # noqa: E402
+from bench.common import cpu_seconds, free_port, nginx_conf, save_results, stop_all, wait_http, wrk  # noqa: E402
 
 GET_PATH = "/hello"
 CHAT_PATH = "/v1/chat/completions"
@@ -49,7 +53,8 @@ wrk.body = {json.dumps(CHAT_BODY)}
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {MASTER_KEY}"
 """
-GET_FRONTS = ("direct", "nginx", "aiohttp-proxy", "gpu-supervisor")
+FLOOR = "floor"
+GET_FRONTS = ("direct", "nginx", "aiohttp-proxy", FLOOR, "gpu-supervisor")
 LITELLM = "litellm"
 # what the issue sets for the LiteLLM comparison: >= 50x its throughput, <= 1/50 of its added p50
 LITELLM_TARGET = 50.0
@@ -108,19 +113,40 @@ def probe_chat(url: str) -> dict[str, str]:
     return headers
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and its children (nginx's master and its worker)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *map(int, children)]
+
+
 def measure(targets: dict[str, str], connections: int, duration: int, script: Path | None = None,
-            timeout_s: int | None = None) -> dict:
-    """wrk against each target at 1 and at `connections` connections, each after a one-second warm-up."""
+            timeout_s: int | None = None, pids: dict[str, list[int]] | None = None) -> dict:
+    """wrk against each target at 1 and at `connections` connections, each after a one-second warm-up;
+    with `pids` (a front's processes), its CPU time per request over the measured run too."""
     results: dict = {}
+    pids = pids or {}
     for conns in (1, connections):
         for name, url in targets.items():
             wrk(url, conns, 1, script, timeout_s)  # warm-up: keep-alive pools, caches
+            procs = pids.get(name, [])
+            before = sum(cpu_seconds(p) for p in procs)
             r = wrk(url, conns, duration, script, timeout_s)
+            cpu = sum(cpu_seconds(p) for p in procs) - before
+            r["cpu_us_per_req"] = round(cpu * 1e6 / r["requests"], 1) if procs and r["requests"] else None
             results.setdefault(name, {})[f"c{conns}"] = r
             errors = f"  socket errors: {r['socket_errors']}" if r["socket_errors"] else ""
+            cpu_s = f"  cpu {r['cpu_us_per_req']:.1f} us/req" if r["cpu_us_per_req"] is not None else ""
             print(f"{name:15s} c={conns:<3d} {r['rps']:>10.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
-                  f"p99 {r['p99_ms']:.3f} ms  non-2xx {r['non_2xx']}{errors}", flush=True)
+                  f"p99 {r['p99_ms']:.3f} ms  non-2xx {r['non_2xx']}{cpu_s}{errors}", flush=True)
     return results
+
+
+def cpu_cell(r: dict) -> str:
+    cpu = r.get("cpu_us_per_req")
+    return "-" if cpu is None else f"{cpu:.1f}"
 
 
 def print_table(results: dict, connections: int) -> None:
@@ -131,7 +157,8 @@ def print_table(results: dict, connections: int) -> None:
         c = f"c{conns}"
         rows += [(f"req/s c={conns}", [f"{results[n][c]['rps']:,.0f}" for n in names]),
                  (f"p50 ms c={conns}", [f"{results[n][c]['p50_ms']:.3f}" for n in names]),
-                 (f"p99 ms c={conns}", [f"{results[n][c]['p99_ms']:.3f}" for n in names])]
+                 (f"p99 ms c={conns}", [f"{results[n][c]['p99_ms']:.3f}" for n in names]),
+                 (f"cpu us/req c={conns}", [cpu_cell(results[n][c]) for n in names])]
     direct = results["direct"]["c1"]["p50_ms"]
     rows.append(("added p50 ms c=1", [f"{results[n]['c1']['p50_ms'] - direct:.3f}" for n in names]))
     rows.append(("non-2xx", [str(sum(r["non_2xx"] for r in results[n].values())) for n in names]))
@@ -153,6 +180,12 @@ def base_ratios(results: dict, connections: int) -> dict:
             results["aiohttp-proxy"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
         "supervisor_added_p50_ms_c1": results["gpu-supervisor"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
         "nginx_added_p50_ms_c1": results["nginx"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
+        "floor_vs_nginx_rps": results[FLOOR][c]["rps"] / results["nginx"][c]["rps"],
+        "supervisor_vs_floor_rps": results["gpu-supervisor"][c]["rps"] / results[FLOOR][c]["rps"],
+        "floor_added_p50_ms_c1": results[FLOOR]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"],
+        "floor_cpu_us_per_req": results[FLOOR][c]["cpu_us_per_req"],
+        "supervisor_cpu_us_per_req": results["gpu-supervisor"][c]["cpu_us_per_req"],
+        "nginx_cpu_us_per_req": results["nginx"][c]["cpu_us_per_req"],
     }
 
 
@@ -162,8 +195,13 @@ def print_base_ratios(ratios: dict, connections: int) -> None:
           f"{ratios['aiohttp_proxy_vs_nginx_rps']:.2f}x, supervisor/aiohttp-proxy = "
           f"{ratios['supervisor_vs_aiohttp_proxy_rps']:.2f}x, nginx/direct = {ratios['nginx_vs_direct_rps']:.2f}x")
     print(f"added p50 on one connection: supervisor {ratios['supervisor_added_p50_ms_c1']:.3f} ms, "
+          f"floor {ratios['floor_added_p50_ms_c1']:.3f} ms, "
           f"aiohttp-proxy {ratios['aiohttp_proxy_added_p50_ms_c1']:.3f} ms, "
           f"nginx {ratios['nginx_added_p50_ms_c1']:.3f} ms")
+    print(f"the floor (our server and pool, no bookkeeping): floor/nginx = {ratios['floor_vs_nginx_rps']:.2f}x, "
+          f"supervisor/floor = {ratios['supervisor_vs_floor_rps']:.2f}x; CPU per request at {connections} "
+          f"connections: supervisor {ratios['supervisor_cpu_us_per_req']} us, floor {ratios['floor_cpu_us_per_req']} "
+          f"us, nginx {ratios['nginx_cpu_us_per_req']} us")
 
 
 def litellm_ratios(results: dict, connections: int) -> dict:
@@ -227,7 +265,7 @@ def main() -> int:
             return 2
     tmp = Path(tempfile.mkdtemp(prefix="gs-bench-"))
     rundir = tmp / "run"
-    direct_port, sup_port, nginx_port, aio_port = free_port(), free_port(), free_port(), free_port()
+    direct_port, sup_port, nginx_port, aio_port, floor_port = (free_port() for _ in range(5))
     policy = {
         "listen": {"host": "127.0.0.1", "port": sup_port},
         "runtime_dir": str(rundir),
@@ -262,8 +300,15 @@ def main() -> int:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(aio)
         wait_http(f"http://127.0.0.1:{aio_port}/")
+        floor = subprocess.Popen([PY, str(HERE / "floor_proxy.py"), "--socket", str(sock), "--port", str(floor_port)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(floor)
+        wait_http(f"http://127.0.0.1:{floor_port}/")
         bases = {"direct": f"http://127.0.0.1:{direct_port}", "nginx": f"http://127.0.0.1:{nginx_port}",
-                 "aiohttp-proxy": f"http://127.0.0.1:{aio_port}", "gpu-supervisor": f"http://127.0.0.1:{sup_port}"}
+                 "aiohttp-proxy": f"http://127.0.0.1:{aio_port}", FLOOR: f"http://127.0.0.1:{floor_port}",
+                 "gpu-supervisor": f"http://127.0.0.1:{sup_port}"}
+        pids = {"nginx": process_tree(ng.pid), "aiohttp-proxy": [aio.pid], FLOOR: [floor.pid],
+                "gpu-supervisor": [sup.pid]}
         litellm_info = None
         if litellm is not None:
             lite_port = free_port()
@@ -281,7 +326,8 @@ def main() -> int:
         print(f"upstream: {args.upstream}")
         if "get" in scenarios:
             print(f"\n== GET {GET_PATH} ==")
-            results = measure({n: bases[n] + GET_PATH for n in GET_FRONTS}, args.connections, args.duration)
+            results = measure({n: bases[n] + GET_PATH for n in GET_FRONTS}, args.connections, args.duration,
+                              pids=pids)
             ratios = base_ratios(results, args.connections)
             print()
             print_table(results, args.connections)
@@ -298,8 +344,10 @@ def main() -> int:
             script = tmp / "chat.lua"
             script.write_text(CHAT_LUA)
             # LiteLLM at N connections queues for longer than wrk's default 2 s timeout on a slow machine
+            if LITELLM in bases:
+                pids[LITELLM] = process_tree(lite.pid)
             results = measure({n: b + CHAT_PATH for n, b in bases.items()}, args.connections, args.duration,
-                              script, timeout_s=30)
+                              script, timeout_s=30, pids=pids)
             ratios = base_ratios(results, args.connections)
             if LITELLM in results:
                 ratios.update(litellm_ratios(results, args.connections))

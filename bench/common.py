@@ -83,6 +83,15 @@ def pct(xs: list[float], p: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (a procfs read; Linux only); 0.0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def parse_wrk(out: str) -> dict:
     def dur(v: str) -> float:
         m = re.match(r"([\d.]+)(us|ms|s|m)", v)
@@ -93,8 +102,10 @@ def parse_wrk(out: str) -> dict:
     lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock_err = re.search(r"Socket errors: (.*)", out)
-    return {"rps": rps, "p50_ms": dur(lat["50"]), "p99_ms": dur(lat["99"]),
-            "non_2xx": int(errors.group(1)) if errors else 0, "socket_errors": sock_err.group(1) if sock_err else None}
+    done = re.search(r"(\d+) requests in", out)
+    return {"rps": rps, "requests": int(done.group(1)) if done else 0, "p50_ms": dur(lat["50"]),
+            "p99_ms": dur(lat["99"]), "non_2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": sock_err.group(1) if sock_err else None}
 
 
 def wrk(url: str, connections: int, duration: int, script: Path | None = None, timeout_s: int | None = None) -> dict:

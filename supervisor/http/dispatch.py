@@ -123,9 +123,13 @@ class Dispatcher:
         name = self.planner.level_names[call.level]
         now = ticket.enqueued_at
         limit = call.queue_limit if call.deadline is None else min(call.queue_limit, call.deadline - now)
+        fut = ticket.future
+        assert fut is not None
+        # a plain timer, not asyncio.timeout (on Python 3.11 that is three getpid() system calls, on every
+        # queued request); a grant that comes after it fired is given back by queue.cancel below
+        timer = fut.get_loop().call_later(max(0.0, limit), _expire, fut)
         try:
-            async with asyncio.timeout(max(0.0, limit)):
-                await ticket.future
+            await fut
         except TimeoutError:
             g.queue.cancel(ticket)
             waited = time.monotonic() - now
@@ -144,7 +148,15 @@ class Dispatcher:
         except BaseException:
             g.queue.cancel(ticket)  # the client left while queued: the worker never sees it
             raise
+        finally:
+            timer.cancel()
         waited = time.monotonic() - now
         call.queued_s += waited
         self.metrics.observe_wait(name, waited)
         return ticket
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    """A queued call's wait limit passed: its wait ends in TimeoutError (unless it was granted first)."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())

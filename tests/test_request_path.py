@@ -1,9 +1,10 @@
 """The request path's pure parts with plain values (no server, no clock, no sleeping): a call's plan, the
 same for an HTTP request and for a job; the request head a worker gets; the answer's headers a client gets;
-one exchange's bookkeeping."""
+one exchange's bookkeeping; a queued call's wait (on a loop, but no clock: its limit is fired by hand)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -351,3 +352,75 @@ def test_an_exchange_is_the_replicas_in_flight_record_and_tells_each_thing_once(
     assert call.group.queue.released == ["ticket-1"] and freed == [1]
     assert replica.ended == [("inc-1", True, True)]
     assert call.worker_label == NO_WORKER  # (placement is the planner's, not the exchange's)
+
+
+class WaitingGroup:
+    """What waiting for a slot reads of a WorkerGroup: its queue, and whether it serves."""
+
+    def __init__(self, queue):
+        self.name = "w"
+        self.queue = queue
+        self.paused = False
+
+    def serving(self) -> bool:
+        return True
+
+
+async def until_waiting(fut) -> None:
+    """Let the waiting task run until it waits on its ticket's future (a few turns of the loop at most)."""
+    for _ in range(100):
+        if fut._callbacks:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the call never waited on its ticket")
+
+
+async def test_a_call_whose_wait_limit_passes_as_a_slot_frees_answers_queue_timeout_and_gives_the_slot_back():
+    from supervisor.http import dispatch
+    from supervisor.metrics import Metrics
+    from supervisor.request_queue import GRANTED, WAITING, RequestQueue
+
+    s = cfg.parse("queue: {concurrency: 1}")
+    q = RequestQueue(s.queue)
+    q.configure(s.queue)
+    q.open = True
+    p = planner("")
+    holder = q.acquire(p.default_level, "default", now=0.0)
+    call = Call("r", 0.0, "GET", "/", p.default_level)
+    call.group, call.queue_limit = WaitingGroup(q), 3600.0
+    ticket = q.acquire(call.level, "default", now=0.0)
+    assert holder.state == GRANTED and ticket.state == WAITING
+    d = dispatch.Dispatcher(None, Metrics(), None, None, p, None)
+    waiting = asyncio.ensure_future(d.wait_slot(call, ticket))
+    await until_waiting(ticket.future)
+    dispatch._expire(ticket.future)  # its wait limit passes, and before it runs again
+    q.release(holder, None)  # the slot frees and goes to it (its future, already done, is left alone)
+    assert ticket.state == GRANTED
+    with pytest.raises(Rejected) as r:
+        await waiting
+    assert r.value.etype == "queue_timeout"
+    assert q.inflight() == 0 and q.total == 0  # the slot it was granted too late is back
+
+
+async def test_a_queued_call_granted_in_time_holds_its_slot_and_counts_its_wait():
+    from supervisor.http import dispatch
+    from supervisor.metrics import Metrics
+    from supervisor.request_queue import GRANTED, RequestQueue
+
+    s = cfg.parse("queue: {concurrency: 1}")
+    q = RequestQueue(s.queue)
+    q.configure(s.queue)
+    q.open = True
+    p = planner("")
+    holder = q.acquire(p.default_level, "default", now=0.0)
+    call = Call("r", 0.0, "GET", "/", p.default_level)
+    call.group, call.queue_limit = WaitingGroup(q), 3600.0
+    ticket = q.acquire(call.level, "default", now=0.0)
+    d = dispatch.Dispatcher(None, Metrics(), None, None, p, None)
+    waiting = asyncio.ensure_future(d.wait_slot(call, ticket))
+    await until_waiting(ticket.future)
+    q.release(holder, None)
+    assert await waiting is ticket and ticket.state == GRANTED
+    assert q.inflight() == 1 and call.queued_s >= 0.0
+    dispatch._expire(ticket.future)  # a limit that fires after the grant changes nothing
+    assert ticket.future.exception() is None

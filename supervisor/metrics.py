@@ -13,7 +13,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -32,6 +32,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # the daemon's own process, as every Prometheus client library exports it: open and max file
+        # descriptors (a listener out of descriptors drops new connections), RSS, CPU seconds, start time
+        ProcessCollector(registry=r)
         self.per_request = RequestMetrics()
         r.register(self.per_request)
         self.rejected = Counter(P + "rejected", "Requests refused by the supervisor itself, by reason.",

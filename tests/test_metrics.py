@@ -56,3 +56,25 @@ def test_metrics_refuses_a_second_metric_under_a_per_request_name():
     assert m.requests_total() == 2
     with pytest.raises(ValueError):
         Counter(P + "requests", "again", registry=m.registry)
+
+
+def test_the_daemons_own_process_is_exported_open_and_max_descriptors_included():
+    import os
+    import resource
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = Metrics()
+    read = {s.name: s.value for f in text_string_to_metric_families(generate_latest(m.registry).decode())
+            for s in f.samples}
+    assert read["process_max_fds"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    before = read["process_open_fds"]
+    extra = [os.open(os.devnull, os.O_RDONLY) for _ in range(5)]
+    try:
+        read = {s.name: s.value for f in text_string_to_metric_families(generate_latest(m.registry).decode())
+                for s in f.samples}
+        assert read["process_open_fds"] == before + 5
+    finally:
+        for fd in extra:
+            os.close(fd)
+    assert read["process_resident_memory_bytes"] > 0 and read["process_cpu_seconds_total"] > 0

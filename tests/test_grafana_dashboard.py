@@ -56,6 +56,7 @@ PANELS_WITH_DATA = (
     "Request rate", "Queued", "In flight", "Replicas up", "Up by replica",
     "Requests by code and worker", "Latency p50 / p99 by priority", "Rejections by reason",
     "Queue depth by priority and worker", "In flight by replica", "Replicas by state", "Breakers by state",
+    "Daemon file descriptors", "Daemon CPU and memory",
 )
 # Label-agnostic queries (valid for today's unlabelled metrics and the fleet's worker/replica labels).
 CORE_QUERIES = (

@@ -11,6 +11,7 @@ counted on the pool.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,6 +36,9 @@ PROTOCOL_ERROR_KINDS = (
     "invalid_http",  # anything else the parser refused
 )
 
+# what socket() or connect() fail with when the supervisor's own process (or the host) is out of resources
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
 _monotonic = time.monotonic
 
 
@@ -42,7 +46,8 @@ class UpstreamError(Exception):
     """The worker did not give a whole answer.
 
     kind: "connect" (no connection), "reset" (closed before or during the answer), "protocol"
-    (not HTTP). `started` says whether any of the answer had arrived.
+    (not HTTP), "local" (the supervisor itself had no file descriptor or memory to open a connection with:
+    the worker is not to blame). `started` says whether any of the answer had arrived.
     """
 
     def __init__(self, kind: str, detail: str, started: bool = False):
@@ -395,6 +400,9 @@ class UpstreamPool:
         try:
             _, proto = await loop.create_unix_connection(lambda: UpstreamConnection(self, loop), self.path)
         except OSError as exc:
+            if exc.errno in LOCAL_ERRNOS:
+                raise UpstreamError("local", f"the supervisor has no resources to connect to its worker now "
+                                    f"({exc.strerror or exc})") from None
             raise UpstreamError("connect", f"cannot connect to worker socket: {exc.strerror or exc}") from None
         self._all.add(proto)
         return proto

@@ -325,3 +325,95 @@ async def test_streamed_answers_leak_no_worker_connection(supervisor_factory):
                 assert r.status == 200
                 await r.read()
     assert proc.num_fds() <= before + 4, (before, proc.num_fds())
+
+
+class DescriptorFlood:
+    """Idle client connections that take every file descriptor the daemon has, its limit lowered to what it
+    has open plus `room` (prlimit on the running process); undone on exit."""
+
+    def __init__(self, sp: SupervisorProcess, room: int = 8):
+        self.sp, self.room = sp, room
+        self.writers: list[asyncio.StreamWriter] = []
+        self._stop = asyncio.Event()
+
+    async def __aenter__(self) -> DescriptorFlood:
+        import resource
+
+        pid = self.sp.proc.pid
+        self.limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + self.room,
+                                                       self.limits[1]))
+        self._task = asyncio.create_task(self._keep_it_full())
+        return self
+
+    async def _keep_it_full(self) -> None:  # every descriptor the daemon frees is taken by one more idle client
+        while not self._stop.is_set():
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.sp.port)
+                self.writers.append(w)
+            except OSError:
+                pass
+            await asyncio.sleep(0.01)  # a pace for the flood, not a wait for a condition
+
+    async def __aexit__(self, *exc: object) -> None:
+        import resource
+
+        self._stop.set()
+        await self._task
+        for w in self.writers:
+            w.close()
+        resource.prlimit(self.sp.proc.pid, resource.RLIMIT_NOFILE, self.limits)
+
+
+async def test_a_flood_that_uses_up_the_daemons_file_descriptors_restarts_no_worker(supervisor_factory):
+    """Out of file descriptors (a flood of idle connections past `ulimit -n`), the daemon cannot reach its
+    worker: its probes say nothing of the worker then (a loaded model is not restarted for the daemon's own
+    shortage), a request it cannot forward is 503 overloaded with Retry-After (never the worker's 502),
+    and once the flood leaves everything serves again."""
+    sp = await supervisor_factory(fast_config())  # probes every 0.2 s, 2 failures restart the worker
+    pid = await sp.worker_pid()
+    early_r, early_w = await asyncio.open_connection("127.0.0.1", sp.port)  # a client already in, kept alive
+    try:
+        async with DescriptorFlood(sp):
+            # several probe periods pass with no descriptor to probe with (2 failures would restart it, 3 times over)
+            await sp.wait_log("worker_probe_skipped", timeout=30, count=6)
+            early_w.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(early_r.readuntil(b"\r\n\r\n"), 30)
+            status = int(head.split(b" ", 2)[1])
+            length = int(next(ln.split(b":", 1)[1] for ln in head.split(b"\r\n")
+                              if ln.lower().startswith(b"content-length:")))
+            body = await asyncio.wait_for(early_r.readexactly(length), 30)
+            # (a descriptor the flood had not taken yet may let it through: then it is simply answered)
+            assert status in (200, 503), head
+            if status == 503:
+                assert json.loads(body)["error"]["type"] == "overloaded" and b"retry-after:" in head.lower(), head
+    finally:
+        early_w.close()
+
+    async def serves() -> bool:
+        async with sp.session.get("/hello") as r:
+            return r.status == 200
+    await wait_until(serves, 20, "the daemon serving again once the flood left")
+    st = await sp.status()
+    assert await sp.worker_pid() == pid and st["worker"]["restarts"] == 0, st["worker"]
+    assert not sp.events("worker_exited") and not sp.events("worker_probe_failed")
+
+
+async def test_a_worker_that_dies_while_the_daemon_has_no_descriptors_comes_back_after(supervisor_factory):
+    """Its respawns fail while the flood holds every descriptor (no pipe for its output): the daemon's own
+    shortage, not a crash loop of the worker's, so it is not given up on; it serves again once the flood
+    leaves."""
+    sp = await supervisor_factory(fast_config())  # 20 restarts in 60 s at most, backoff 0.05-0.2 s
+    pid = await sp.worker_pid()
+    async with DescriptorFlood(sp):
+        await sp.wait_log("worker_probe_skipped", timeout=30)
+        kill_quiet(pid)
+        # more failed starts than the crash-loop bound allows, every one for want of a descriptor
+        await sp.wait_log("worker_spawn_failed", timeout=60, count=25)
+
+    async def serves() -> bool:
+        async with sp.session.get("/hello") as r:
+            return r.status == 200
+    await wait_until(serves, 30, "a new worker serving once the flood left")
+    assert await sp.worker_pid() != pid
+    assert not sp.events("worker_crash_loop")

@@ -309,6 +309,9 @@ class FakeBreaker:
     def record_server_error(self, *_):
         self.told.append(("server_error",))
 
+    def release_probe(self):
+        self.told.append(("release_probe",))
+
 
 class FakeQueue:
     def __init__(self):
@@ -424,3 +427,24 @@ async def test_a_queued_call_granted_in_time_holds_its_slot_and_counts_its_wait(
     assert q.inflight() == 1 and call.queued_s >= 0.0
     dispatch._expire(ticket.future)  # a limit that fires after the grant changes nothing
     assert ticket.future.exception() is None
+
+
+async def test_an_attempt_the_supervisor_had_no_descriptor_for_is_overloaded_and_not_the_workers_failure():
+    from supervisor.upstream import UpstreamError
+
+    s = cfg.parse("")
+    freed = []
+    call = Call("r", 0.0, "GET", "/", 2)
+    call.group = type("G", (), {"queue": FakeQueue()})()
+    replica = FakeReplica()
+    ex = Exchange(Wire(s, lambda: freed.append(1)), call, replica, "ticket-1")
+
+    async def no_descriptor():
+        raise UpstreamError("local", "the supervisor has no resources to connect to its worker now "
+                            "(Too many open files)")
+
+    with pytest.raises(Rejected) as r:
+        await ex._guarded(no_descriptor(), "late")
+    assert r.value.etype == "overloaded" and r.value.retry_after_s and "Too many open files" in r.value.message
+    assert replica.breaker.told == [("release_probe",)]  # no failure recorded against the worker
+    assert replica.ended == [("inc-1", True, False)] and freed == [1]  # its slot and place are given back

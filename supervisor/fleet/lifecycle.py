@@ -25,6 +25,7 @@ from ..aio import wait_quietly
 from ..config import WorkerSpec
 from ..pressure import recycle_due
 from ..states import PLANNED_EXITS, UNLOAD_EXITS, ExitReason, WorkerState
+from ..upstream import LOCAL_ERRNOS
 from . import proc
 from . import sleep as sleep_calls
 from .process import (
@@ -252,6 +253,7 @@ class Lifecycle:
         except OSError as exc:
             # a boot error (a program not found, a cwd that is not there): a failed start, named
             inc.boot_error = f"cannot start {exc.filename or cmd[0]!r}: {exc.strerror or exc}"
+            inc.local_shortage = exc.errno in LOCAL_ERRNOS
             self.log.error("worker_spawn_failed", command=cmd, error=inc.boot_error)
             inc.returncode = 127
             inc.tail.append(inc.boot_error)
@@ -377,6 +379,10 @@ class Lifecycle:
                 failures = 0
                 self.events.probed(self.r, 0)
                 continue
+            if why == "local":  # the supervisor had no file descriptor to probe with: says nothing of the worker
+                self.log.warning("worker_probe_skipped", worker_pid=inc.pid, why="the supervisor is out of file "
+                                 "descriptors or memory", failures=failures)
+                continue
             failures += 1
             self.events.probed(self.r, failures)
             self.log.warning("worker_probe_failed", worker_pid=inc.pid, why=why, failures=failures, limit=h.failures)
@@ -498,7 +504,8 @@ class Lifecycle:
         if reason in PLANNED_EXITS:
             self._move(WorkerState.STARTING, f"replace after {reason.value}")
             return
-        self.failures.append(now)
+        if not inc.local_shortage:  # (the supervisor's own shortage of descriptors says nothing of the worker)
+            self.failures.append(now)
         r = self.r.spec.restart
         if in_crash_loop(self.failures, now, r.window_s, r.max_restarts):
             self.log.error("worker_crash_loop",

@@ -184,5 +184,6 @@ class Incarnation:
         self.tasks: list[asyncio.Task] = []
         self.accounted = False  # its exit was classified and acted on
         self.boot_error: str | None = None  # it could not be started at all: why
+        self.local_shortage = False  # ... because the supervisor itself was out of file descriptors or memory
 
 

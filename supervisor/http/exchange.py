@@ -110,6 +110,10 @@ class Exchange(InFlight):
             self.fail()
             raise Rejected("timeout", late) from None
         except UpstreamError as exc:
+            if exc.kind == "local":  # the supervisor's own shortage (file descriptors): the worker is not to blame
+                self.replica.breaker.release_probe()
+                _out_of_resources(exc.detail)
+                raise Rejected("overloaded", f"{exc.detail}; try again shortly", 1.0) from None
             inc = self.inc
             died = await _died(inc, exc)
             if died or (_unanswered(exc) and call.attempt < call.max_attempts):
@@ -344,6 +348,19 @@ class Exchange(InFlight):
         finally:
             if conn is not None:
                 conn.abort()  # cancelled (DELETE /jobs/{id}) or failed: closing tells the worker to stop
+
+
+_said_out_of_resources_at = float("-inf")
+
+
+def _out_of_resources(detail: str) -> None:
+    """Say so, at most once a minute: under a flood of connections it would be said on every request."""
+    global _said_out_of_resources_at
+    now = time.monotonic()
+    if now - _said_out_of_resources_at >= 60.0:
+        _said_out_of_resources_at = now
+        log.error("supervisor_out_of_resources", detail=detail,
+                  hint="raise LimitNOFILE (systemd) or ulimit -n; process_open_fds / process_max_fds in /metrics")
 
 
 async def _died(inc: Incarnation, exc: UpstreamError) -> bool:

@@ -67,6 +67,25 @@ async def test_a_worker_that_keeps_streaming_is_never_hung(supervisor_factory):
     assert (await sp.status())["worker"]["restarts"] == 0
 
 
+async def test_a_daemon_frozen_past_the_stall_timeout_does_not_judge_a_streaming_worker_hung(supervisor_factory):
+    """The daemon stopped (SIGSTOP, a paused VM, a starved host) saw nothing of its worker meanwhile, and
+    what the worker sent is still unread when it runs again: no hang is judged from that."""
+    sp = await supervisor_factory(fast_config(worker={"command": ctl_command(), "stall_timeout_s": 1.0}))
+    pid = await sp.worker_pid()
+    async with sp.session.get("/stream?n=20&interval=0.2") as r:
+        assert r.status == 200
+        await r.content.readline()
+        sp.signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2.5)  # frozen for over twice the stall timeout: time must pass
+        finally:
+            sp.signal(signal.SIGCONT)
+        text = (await r.read()).decode()
+    assert text.rstrip().endswith("[DONE]") and "event: error" not in text, text[-300:]
+    assert await sp.worker_pid() == pid and (await sp.status())["worker"]["restarts"] == 0
+    assert not sp.events("worker_hang") and sp.events("worker_judgment_deferred")
+
+
 async def test_no_byte_on_any_request_for_stall_timeout_is_a_hang_even_with_health_ok(supervisor_factory):
     sp = await supervisor_factory(fast_config(worker={"command": ctl_command(), "stall_timeout_s": 0.8}))
     pid = await sp.worker_pid()

@@ -315,6 +315,11 @@ class Lifecycle:
                 return ExitReason.SHUTDOWN
             delay = min(delay * 1.5, 0.05)  # (a probe is one connect: cheap; a late ready costs more)
 
+    def _log_frozen(self, inc: Incarnation, late_s: float) -> None:
+        self.log.warning("worker_judgment_deferred", worker_pid=inc.pid, late_s=round(late_s, 3),
+                         why="the supervisor itself did not run (stopped, a paused VM, a starved host): "
+                             "what the worker did meanwhile is not read yet")
+
     def stalled_for(self, inc: Incarnation, now: float) -> float:
         """Seconds since the worker last sent a byte on any request in flight (0 with none in flight)."""
         if not inc.inflight:
@@ -329,9 +334,11 @@ class Lifecycle:
         progress = self.r.spec.progress
         last_count: float | None = None
         last_move = time.monotonic()
+        deferred = 0  # judgments put off in a row because the daemon itself did not run (see _was_frozen)
         while True:
             self._wake.clear()
             interval = h.interval_s if not inc.inflight else min(h.interval_s, max(0.05, self.r.spec.stall_s / 4))
+            waited_from = time.monotonic()
             if self._sleep_asked is None:  # (a sleep asked during the last probe goes now)
                 await wait_quietly(proc.wait_any(inc.exited, self._wake), interval)
             if inc.exited.is_set():
@@ -354,6 +361,11 @@ class Lifecycle:
             # judged by progress, not age: no byte from the worker on any request in flight for
             # stall_timeout_s (a slow client or a long stream that keeps sending is never a hang)
             now = time.monotonic()
+            if _was_frozen(now - waited_from, interval) and deferred < MAX_DEFERRED:
+                deferred += 1
+                self._log_frozen(inc, now - waited_from - interval)
+                continue  # (what the worker sent meanwhile is read before the next look)
+            deferred = 0
             stalled = self.stalled_for(inc, now)
             if stalled > self.r.spec.stall_s:
                 self.log.warning("worker_hang", worker_pid=inc.pid, why="no progress", stalled_s=round(stalled, 3),
@@ -372,6 +384,7 @@ class Lifecycle:
                                      metric=progress.metric, value=value, flat_s=round(now - last_move, 3))
                     await self._stop(inc, ExitReason.HANG)
                     return
+            probed_from = time.monotonic()
             ok, why = await self._probe(inc, h.timeout_s)
             if inc.exited.is_set():
                 return
@@ -379,6 +392,11 @@ class Lifecycle:
                 failures = 0
                 self.events.probed(self.r, 0)
                 continue
+            took = time.monotonic() - probed_from
+            if why == "timeout" and _was_frozen(took, h.timeout_s) and deferred < MAX_DEFERRED:
+                deferred += 1
+                self._log_frozen(inc, took - h.timeout_s)
+                continue  # its answer may be waiting unread: a probe the daemon slept through says nothing
             if why == "local":  # the supervisor had no file descriptor to probe with: says nothing of the worker
                 self.log.warning("worker_probe_skipped", worker_pid=inc.pid, why="the supervisor is out of file "
                                  "descriptors or memory", failures=failures)
@@ -529,3 +547,12 @@ class Lifecycle:
             self._move(WorkerState.UNLOADED, "unloaded during backoff")
             return
         self._move(WorkerState.STARTING, "backoff over")
+
+
+FROZEN_S = 1.0  # a wait that overran its time by this much (and by its own length) was not the daemon running
+MAX_DEFERRED = 3  # judgments put off in a row for that, at most (a daemon starved for good still judges)
+
+
+def _was_frozen(elapsed: float, expected: float) -> bool:
+    """Whether a wait of `expected` seconds that took `elapsed` means the daemon did not run meanwhile."""
+    return elapsed - expected > max(FROZEN_S, expected)

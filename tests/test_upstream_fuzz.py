@@ -13,8 +13,12 @@ never to open (a window the run never fills), so no example is decided by the on
 Properties: whatever the worker sends, the client gets exactly one whole, well-formed HTTP/1.1 answer (read
 by h11 from a raw socket), or, only where the answer had already started streaming, a cut one (an SSE stream
 ends with `event: error`, any other body is cut by closing, so the client sees it incomplete); a valid answer
-is relayed exactly; an invalid one becomes a typed daemon error, never a 500; and afterwards the daemon is
-whole: ready, nothing in flight or queued, metrics that parse, no handler crash in its log.
+is relayed exactly; an invalid one becomes a typed daemon error, never a 500; a HEAD request gets the head alone
+whatever body the worker sends; every request's handler finishes (its access line: a crashed one logs none); and
+afterwards the daemon is whole: ready, nothing in flight or queued, metrics that parse, no handler crash in its log.
+
+Where llhttp (the daemon's parser) reads a worker's answer more leniently than h11 and the daemon's reading is the
+agreed one, `leniency` says so. UFUZZ_SCALE=10 multiplies the examples for a longer hunt by hand.
 """
 
 from __future__ import annotations
@@ -190,12 +194,12 @@ class Got:
         return err if isinstance(err, dict) and err.get("type") in ERROR_TYPES else None
 
 
-def parse(raw: bytes) -> Got:
+def parse(raw: bytes, method: str = "POST") -> Got:
     """Read what the daemon wrote on one connection (to one POST) as a strict client does; a malformed answer,
     no answer, or bytes after a whole answer fail the test."""
     assert raw, "the daemon closed the client's connection without an answer"
     c = h11.Connection(h11.CLIENT)
-    c.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "0")]))
+    c.send(h11.Request(method=method, target="/", headers=[("Host", "x"), ("Content-Length", "0")]))
     c.send(h11.EndOfMessage())
     resp: h11.Response | None = None
     body: list[bytes] = []
@@ -233,17 +237,24 @@ def parse(raw: bytes) -> Got:
     return Got(True, resp.status_code, [(k, v) for k, v in resp.headers], b"".join(body), raw)
 
 
-def through_daemon(dm: Daemon, parts: list[bytes], then: str, deadline_s: float) -> tuple[Got, str]:
-    """One example: the worker's script as one POST through the daemon; what the client got, and the script's id
-    (once the worker has finished with it, so that nothing of it is still on its way to the daemon)."""
+def through_daemon(dm: Daemon, parts: list[bytes], then: str, deadline_s: float,
+                   method: str = "POST") -> tuple[Got, str]:
+    """One example: the worker's script as one request through the daemon (a POST's body, else its query); what
+    the client got, and the script's id (once the worker has finished with it, so that nothing of it is still on
+    its way to the daemon)."""
     sid = dm.next_id()
     script = json.dumps({"id": sid, "parts": [base64.b64encode(p).decode() for p in parts],
                          "then": then}).encode()
+    if method == "POST":
+        request = (b"POST /run HTTP/1.1\r\nHost: d\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                   b"X-Request-Timeout: %g\r\nContent-Length: %d\r\n\r\n%s" % (deadline_s, len(script), script))
+    else:
+        request = (b"%s /run?script=%s HTTP/1.1\r\nHost: d\r\nConnection: close\r\nX-Request-Timeout: %g\r\n\r\n"
+                   % (method.encode(), base64.urlsafe_b64encode(script), deadline_s))
     with socket.create_connection(("127.0.0.1", dm.port), timeout=T) as s:
-        s.sendall(b"POST /run HTTP/1.1\r\nHost: d\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                  b"X-Request-Timeout: %g\r\nContent-Length: %d\r\n\r\n%s" % (deadline_s, len(script), script))
+        s.sendall(request)
         raw = read_to_eof(s)
-    got = parse(raw)
+    got = parse(raw, method)
     err = got.error
     if err is None or err["type"] not in DAEMON_REFUSALS:  # (a refused request never reached the worker)
         assert dm.settled(sid), f"the worker never finished script {sid}"
@@ -472,10 +483,11 @@ class Verdict:
     detail: str = ""
 
 
-def oracle(data: bytes, closes: bool) -> Verdict:
-    """What a strict client makes of `data` (`closes`: the worker closes the connection after it)."""
+def oracle(data: bytes, closes: bool, method: str = "POST") -> Verdict:
+    """What a strict client makes of `data` (`closes`: the worker closes the connection after it), the answer to
+    a `method` request."""
     c = h11.Connection(h11.CLIENT)
-    c.send(h11.Request(method="POST", target="/", headers=[("Host", "w"), ("Content-Length", "0")]))
+    c.send(h11.Request(method=method, target="/", headers=[("Host", "w"), ("Content-Length", "0")]))
     c.send(h11.EndOfMessage())
     c.receive_data(data)
     if closes:
@@ -496,7 +508,7 @@ def oracle(data: bytes, closes: bool) -> Verdict:
         return Verdict("bad" if "peer closed" not in str(exc) else "short", status, b"".join(body), str(exc))
 
 
-def leniency(data: bytes, closes: bool) -> Verdict | None:
+def leniency(data: bytes, closes: bool, method: str = "POST") -> Verdict | None:
     """Where llhttp (the daemon's parser) is more lenient than h11 on a worker's answer and the daemon's reading is
     the agreed one: h11's verdict on the bytes as llhttp reads them, or None when no leniency applies.
 
@@ -508,7 +520,7 @@ def leniency(data: bytes, closes: bool) -> Verdict | None:
     eol = fixed.find(b"\r\n")
     if fixed.startswith(b"HTTP/1.1 ") and eol > 12:
         fixed = fixed[:13] + bytes(b for b in fixed[13:eol] if b >= 0x20 and b != 0x7F) + fixed[eol:]
-    return oracle(fixed, closes) if fixed != data else None
+    return oracle(fixed, closes, method) if fixed != data else None
 
 
 # -- the properties ---------------------------------------------------------------------------------------------
@@ -618,7 +630,8 @@ def test_whatever_the_worker_sends_the_client_gets_one_whole_answer_or_a_cut_str
     etype = _sse_error_end(got.body) if sse else None
     if etype is not None:  # an SSE stream the worker broke off after it had started: ended by an error event
         assert etype in WORKER_FAULTS, etype
-        assert v.kind != "whole" or not v.body.startswith(got.body), "an error event for a whole answer"
+        before = got.body[:got.body.rfind(b"event: error\n")]  # (what the worker sent before it broke off)
+        assert v.kind == "bad" or v.body.startswith(before), (before[-200:], v.body[-200:])
         return
     # a whole answer relayed as whole: what a strict client reads in the worker's bytes, status and body
     if v.kind == "bad" and (lenient := leniency(h.data, h.then == "close")) is not None:
@@ -626,6 +639,32 @@ def test_whatever_the_worker_sends_the_client_gets_one_whole_answer_or_a_cut_str
     assert v.kind == "whole", (f"the daemon relayed as whole ({got.status}, {len(got.body)} bytes) an answer a strict "
                                f"client reads as {v.kind} ({v.detail}): {h.data[:600]!r}")
     assert (got.status, got.body) == (v.status, v.body), (got.status, got.body[:200], v.status, v.body[:200])
+
+
+@fuzz(60)
+@given(h=hostile().filter(lambda h: len(h.data) < 2500), cuts=cut_points)  # (the script goes in the query)
+def test_a_head_request_gets_the_head_alone_whatever_the_worker_sends(
+        daemon: Daemon, h: Hostile, cuts: list[int]) -> None:
+    """HEAD: the worker's answer has a body anyway (as some servers send); the client gets the head alone."""
+    unchanged = h.data == h.base.encode() and h.then in (h.base.then, "close") and h.base.framing != "close"
+    got, _ = through_daemon(daemon, split(h.data, cuts), h.then,
+                            VALID_DEADLINE_S if unchanged else HOSTILE_DEADLINE_S, "HEAD")
+    err = None if unchanged else got.error  # (a HEAD answer has no body to read an error from)
+    if err is None and not unchanged and got.header(b"x-supervisor-attempts") is None:
+        err = {"type": "?"}  # the daemon's own answer to HEAD: its status says which
+        assert got.status in {ERROR_TYPES[t][0] for t in WORKER_FAULTS | DAEMON_REFUSALS}, got.raw[:600]
+    assert got.whole and got.body == b"", got.raw[:600]
+    if unchanged:
+        assert got.status == h.base.status, (got.status, h.base.status)
+        theirs = [(k, v) for k, v in got.headers if k not in DAEMON_HEADERS]
+        assert theirs == h.base.relayed_headers, (theirs, h.base.relayed_headers)
+        return
+    if err is not None:
+        return
+    v = oracle(h.data, h.then == "close", "HEAD")
+    if v.kind == "bad" and (lenient := leniency(h.data, h.then == "close", "HEAD")) is not None:
+        v = lenient
+    assert v.kind == "whole" and got.status == v.status, (got.status, v, h.data[:600])
 
 
 def test_after_the_examples_the_daemon_is_whole(daemon: Daemon) -> None:

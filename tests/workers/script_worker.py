@@ -7,9 +7,10 @@ so they can be as broken as a test wants. On the worker socket:
 
 - ``GET /healthz``: 200 "ok" (the daemon's health probe); the connection is kept.
 - ``POST`` with a JSON body ``{"id": str, "parts": [base64, ...], "then": "keep" | "close", "gap_s": float}``
-  (the script): each part is written in its own write, ``gap_s`` (default 0.001) apart; then ``keep`` reads
-  the next request on the same connection (so an incomplete answer is a stall: nothing more comes until the
-  daemon gives up) and ``close`` closes the connection.
+  (the script), or any method with that JSON, base64url-encoded, in the query argument ``script``: each part
+  is written in its own write, ``gap_s`` (default 0.001) apart; then ``keep`` reads the next request on the
+  same connection (so an incomplete answer is a stall: nothing more comes until the daemon gives up) and
+  ``close`` closes the connection.
 - anything else: 404.
 
 On the control socket, ``GET /settled?id=X&timeout_s=T`` answers 200 once the script X has run and every run
@@ -71,8 +72,12 @@ class ScriptWorker:
             writer.write(plain(200, b"ok"))
             await writer.drain()
             return True
+        query = parse_qs(urlsplit(target).query)
         try:
-            script = json.loads(body) if method == "POST" else None
+            if "script" in query:
+                script = json.loads(base64.urlsafe_b64decode(query["script"][-1]))
+            else:
+                script = json.loads(body) if method == "POST" else None
         except ValueError:
             script = None
         if not isinstance(script, dict) or "id" not in script:

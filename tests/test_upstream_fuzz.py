@@ -56,6 +56,7 @@ HOSTILE_DEADLINE_S = 0.6  # an answer that stops short of its end stalls this lo
 HEAD_LIMIT = 65536  # limits.worker_head_bytes (the default)
 MAX_HEADERS = 100  # the upstream pool's header-line limit
 BUFFER_BYTES = 128  # limits.buffer_bytes: a Content-Length answer up to this is gathered, a longer one streamed
+SPOOL_BYTES = 32 * 1024  # limits.spool_bytes: past the spool's memory (64 KiB) and this on disk, wait for the client
 # what the daemon may answer itself to a request its worker got (or, with the breaker, did not get)
 WORKER_FAULTS = frozenset({"worker_error", "worker_crashed", "timeout"})
 DAEMON_REFUSALS = frozenset({"circuit_open", "worker_unavailable", "queue_timeout", "overloaded"})
@@ -86,7 +87,7 @@ class Daemon:
             queue={"concurrency": 2, "timeout_s": 30},
             retry={"max_attempts": 1},
             # answers over this are relayed as they come (with their Content-Length), not gathered first
-            limits={"buffer_bytes": BUFFER_BYTES},
+            limits={"buffer_bytes": BUFFER_BYTES, "spool_bytes": SPOOL_BYTES},
             # a window this run never fills: no verdict, so every example reaches the worker
             breaker={"window": 100000, "min_calls": 100000},
             # an access line per request, logged once its handler is through: one that crashed logs none
@@ -377,7 +378,12 @@ def answers(draw, keep_only: bool = False) -> Answer:
         return Answer(interim, status, reason, hdrs, "none", b"", then=then)
     framings = ["length", "chunked"] if then == "keep" else ["length", "chunked", "close"]
     framing = "chunked" if sse and draw(st.booleans()) else draw(st.sampled_from(framings))
-    pieces = draw(sse_body()) if sse else [draw(st.binary(max_size=300)) for _ in range(draw(st.integers(0, 4)))]
+    if sse:
+        pieces = draw(sse_body())
+    elif draw(st.integers(0, 15)) == 0:  # a big one: past the spool's memory, onto its disk and past that too
+        pieces = [bytes([65 + i % 26]) * draw(st.integers(1, 96 * 1024)) for i in range(draw(st.integers(1, 3)))]
+    else:
+        pieces = [draw(st.binary(max_size=300)) for _ in range(draw(st.integers(0, 4)))]
     body = b"".join(pieces)
     chunks = [_chunk_line(draw, p) for p in pieces if p] if framing == "chunked" else []
     trailer = b"".join(b"%s: %s\r\n" % (n, draw(header_values()))

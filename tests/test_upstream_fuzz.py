@@ -83,7 +83,9 @@ class Daemon:
         self.control = str(tmp / "ctl.sock")
         cfg = fast_config(
             worker={"command": [PYTHON, str(SCRIPT_WORKER), "--socket", "{socket}", "--control", self.control],
-                    "hang_timeout_s": 60},
+                    "hang_timeout_s": 60,
+                    # probes that a loaded box does not fail: a restart would lose the worker's record of scripts
+                    "health": {"interval_s": 0.5, "timeout_s": 5, "failures": 3}},
             queue={"concurrency": 2, "timeout_s": 30},
             retry={"max_attempts": 1},
             # answers over this are relayed as they come (with their Content-Length), not gathered first
@@ -684,6 +686,8 @@ def test_after_the_examples_the_daemon_is_whole(daemon: Daemon) -> None:
             st_ = await sp.status()
             return st_["queue"]["inflight"] == 0 and st_["queue"]["total"] == 0 and st_["worker"]["inflight"] == 0
         await wait_until(idle, T, "nothing in flight or queued")
+        st_ = await sp.status()
+        assert st_["worker"]["restarts"] == 0 and st_["breaker"]["state"] == "closed", st_  # hostile != dead
         families = list(text_string_to_metric_families(await sp.metrics()))
         assert families
         assert sp.proc is not None and sp.proc.returncode is None

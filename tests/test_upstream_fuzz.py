@@ -529,11 +529,12 @@ def leniency(data: bytes, closes: bool, method: str = "POST") -> Verdict | None:
     - control bytes in the reason phrase are let through: the reason phrase is ignored (RFC 9112 4) and the
       daemon writes a status line of its own, so none of it reaches the client.
     """
-    fixed = data.lstrip(b"\r\n")
-    eol = fixed.find(b"\r\n")
-    if fixed.startswith(b"HTTP/1.1 ") and eol > 12:
-        fixed = fixed[:13] + bytes(b for b in fixed[13:eol] if b >= 0x20 and b != 0x7F) + fixed[eol:]
+    fixed = _STATUS_LINE.sub(lambda m: m[1] + bytes(b for b in m[2] if b >= 0x20 and b != 0x7F),
+                             data.lstrip(b"\r\n"))
     return oracle(fixed, closes, method) if fixed != data else None
+
+
+_STATUS_LINE = re.compile(rb"(?m)^(HTTP/1\.[01] \d{3} )([^\r\n]*)")  # (interim answers' status lines too)
 
 
 # -- the properties ---------------------------------------------------------------------------------------------

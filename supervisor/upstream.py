@@ -197,7 +197,13 @@ class UpstreamConnection(asyncio.Protocol):
             if ln == b"content-length":
                 self._length_known = True
                 self.content_length = value
-            elif ln == b"transfer-encoding" and b"chunked" in value.lower():
+            elif ln == b"transfer-encoding":
+                # only chunked is decoded here: a body in any other transfer coding (gzip, an unknown one,
+                # chunked twice) would reach the client still encoded once the hop-by-hop header is dropped
+                if self._length_known or value.strip().lower() != b"chunked":
+                    te = value[:80].decode("latin-1")
+                    raise _Violation("invalid_http", f"worker answered Transfer-Encoding {te!r} (only a single "
+                                                     "chunked coding can be relayed)")
                 self._length_known = True
         f = self._hdr_future
         if f is not None and not f.done():

@@ -290,6 +290,15 @@ def test_response_headers_drop_hop_by_hop_and_add_the_supervisors_own():
     assert response_headers(kept, call, None)[0] is kept  # nothing dropped: not copied
 
 
+def test_response_headers_drop_the_ones_the_workers_connection_header_names():
+    # (found by tests/test_upstream_fuzz.py: `Connection: Cache-Control` and the worker's Cache-Control reached
+    # the client; RFC 9110 7.6.1: a proxy removes the fields Connection names)
+    call = Call("req-1", 0.0, "GET", "/", 2)
+    raw = [(b"Connection", b"close, X-Hop"), (b"X-Hop", b"1"), (b"connection", b" cache-control "),
+           (b"Cache-Control", b"no-store"), (b"Content-Type", b"text/plain")]
+    assert response_headers(raw, call, None)[0] == [(b"Content-Type", b"text/plain")]
+
+
 def test_sized_and_oom_answers():
     assert sized(b"10", 10) and not sized(b"11", 10)
     assert not sized(None, 10) and not sized(b"x", 10) and not sized(b"", 10)

@@ -248,7 +248,8 @@ class Exchange(InFlight):
         ctype = header_value(conn.headers, b"content-type")
         sse = (ctype or b"").startswith(b"text/event-stream")
         meter = call.charge.begin(conn.status, ctype) if call.charge is not None else None
-        await responder.start(conn.status, headers, int(cl) if cl is not None and cl.isdigit() else None, lines)
+        length = int(cl) if cl is not None and cl.isdigit() else None
+        await responder.start(conn.status, headers, length, lines)
         lim = self.wire.limits
         spool = ResponseSpool(max(lim.buffer_bytes, STREAM_CHUNK), lim.spool_dir or tempfile.gettempdir(),
                               lim.spool_bytes)
@@ -293,7 +294,7 @@ class Exchange(InFlight):
                 self.replica.breaker.release_probe()
             else:
                 self.fail()
-            if sse:
+            if sse and length is None:  # (a body of a set length has no room for the event: cut like any other)
                 await responder.write(error_event(why, msg, call.rid))
                 await responder.end()
             else:

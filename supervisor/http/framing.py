@@ -138,13 +138,20 @@ async def stream_body(request: Request, conn: UpstreamConnection, limit: int) ->
 def response_headers(raw: list[tuple[bytes, bytes]], call: Call, degraded: str | None,
                      names: list[bytes] | None = None,
                      replica: bytes = b"") -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """The worker's end-to-end headers (`raw` itself when none is dropped: not copied), and ours as whole
-    header lines (Responder.send_now's `lines`): the request id, queue time, attempts, the replica that
-    answered ("<worker>/<index>") and X-Degraded. Ours replace any the worker sent under those names.
-    `names`: the header names lowercased, when known."""
+    """The worker's end-to-end headers (`raw` itself when none is dropped: not copied; dropped are hop-by-hop ones,
+    those the worker's Connection header names, and ours), and ours as whole header lines (Responder.send_now's
+    `lines`): the request id, queue time, attempts, the replica that answered ("<worker>/<index>") and X-Degraded.
+    Ours replace any the worker sent under those names. `names`: the header names lowercased, when known."""
     if names is None:
         names = [k.lower() for k, _ in raw]
-    h = raw if NOT_PASSED_ON.isdisjoint(names) else [kv for lk, kv in zip(names, raw) if lk not in NOT_PASSED_ON]
+    if NOT_PASSED_ON.isdisjoint(names):
+        h = raw
+    else:
+        drop = NOT_PASSED_ON
+        if b"connection" in names:  # (rare) the headers the worker's Connection header names are hop-by-hop too
+            drop = drop | {t.strip().lower() for lk, (_, v) in zip(names, raw) if lk == b"connection"
+                           for t in v.split(b",")}
+        h = [kv for lk, kv in zip(names, raw) if lk not in drop]
     lines = b"X-Request-ID: %b\r\nX-Supervisor-Queue-Ms: %.3f\r\nX-Supervisor-Attempts: %d\r\n" % (
         call.rid.encode(), call.queued_s * 1000, call.attempt)
     if replica:

@@ -228,3 +228,23 @@ def pid_alive(pid: int) -> bool:
 def kill_quiet(pid: int, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
+
+
+def read_to_eof(sock: socket.socket, limit_s: float) -> bytes:
+    """Everything a raw socket gets until the peer ends the connection (a reset after its answers counts as
+    the end); failing if the peer holds the connection past `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    got = []
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"the peer held the connection open for {limit_s} s (after {b''.join(got)[-300:]!r})"
+        sock.settimeout(left)
+        try:
+            b = sock.recv(65536)
+        except ConnectionResetError:
+            return b"".join(got)
+        except TimeoutError:
+            continue
+        if not b:
+            return b"".join(got)
+        got.append(b)

@@ -20,7 +20,6 @@ import socket
 import struct
 import termios
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,7 +39,7 @@ from supervisor.http.server import (
     Responder,
     ServerLimits,
 )
-from tests.harness import wait_until
+from tests.harness import read_to_eof, wait_until
 
 R = TypeVar("R")
 T = 20.0  # the failure bound of any one wait (each is over in milliseconds, or in a fuzz server's timeouts)
@@ -185,7 +184,7 @@ class Served:
         sock = connect(self.port)
         try:
             sock.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            answers, rest = parse_answers(read_to_eof(sock))
+            answers, rest = parse_answers(read_to_eof(sock, T))
         finally:
             sock.close()
         assert [a.status for a in answers] == [200] and rest == b""
@@ -216,26 +215,6 @@ def send_in_pieces(srv: Served, sock: socket.socket, data: bytes, cuts: list[int
             return False
         srv.consumed(sock)
     return True
-
-
-def read_to_eof(sock: socket.socket) -> bytes:
-    """Everything until the server ends the connection (a reset after its answers counts as the end); failing if
-    it holds the connection past T."""
-    deadline = time.monotonic() + T
-    got = []
-    while True:
-        left = deadline - time.monotonic()
-        assert left > 0, f"the server held the connection open for {T} s (after {b''.join(got)[-300:]!r})"
-        sock.settimeout(left)
-        try:
-            b = sock.recv(65536)
-        except ConnectionResetError:
-            return b"".join(got)
-        except TimeoutError:
-            continue
-        if not b:
-            return b"".join(got)
-        got.append(b)
 
 
 def half_close(sock: socket.socket) -> None:
@@ -553,7 +532,7 @@ def test_whatever_is_sent_only_whole_answers_come_back_and_the_connection_ends()
                 send_in_pieces(srv, sock, raw, cuts)
                 if leave:  # the client leaves once all is read: what was answered by then must be whole
                     half_close(sock)
-                check_answers(read_to_eof(sock))  # else the server's timeouts end it: read_to_eof bounds that
+                check_answers(read_to_eof(sock, T))  # else the server's timeouts end it: read_to_eof bounds that
             finally:
                 sock.close()
 
@@ -577,7 +556,7 @@ def test_valid_pipelines_are_answered_exactly_in_order():
                 keep = answered[-1].keep_alive
                 if keep:  # a kept connection: one more request proves it, then the client closes
                     sock.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                answers = check_answers(read_to_eof(sock))
+                answers = check_answers(read_to_eof(sock, T))
             finally:
                 sock.close()
             assert len(answers) == len(answered) + keep, [a.status for a in answers]
@@ -676,7 +655,7 @@ def ours_view(srv: Served, raw: bytes, cuts: list[int]) -> tuple[list[Answer], b
             srv.settled(sock)
             ended = srv.ended(sock)
         half_close(sock)
-        return check_answers(read_to_eof(sock)), ended
+        return check_answers(read_to_eof(sock, T)), ended
     finally:
         sock.close()
 

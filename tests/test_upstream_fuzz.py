@@ -32,7 +32,6 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.errors import ERROR_TYPES
 from supervisor.http.framing import NOT_PASSED_ON
-from tests.harness import PYTHON, SupervisorProcess, fast_config, wait_until
+from tests.harness import PYTHON, SupervisorProcess, fast_config, read_to_eof, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -137,7 +136,7 @@ class Daemon:
             s.settimeout(timeout_s + 10)
             s.connect(self.control)
             s.sendall(f"GET /settled?id={sid}&timeout_s={timeout_s} HTTP/1.1\r\nHost: w\r\n\r\n".encode())
-            data = read_to_eof(s)
+            data = read_to_eof(s, T)
         return data.startswith(b"HTTP/1.1 200")
 
 
@@ -153,25 +152,6 @@ def daemon() -> Iterator[Daemon]:
 
 
 # -- the client's side: raw sockets, answers read by h11 ---------------------------------------------------------
-def read_to_eof(sock: socket.socket) -> bytes:
-    """Everything until the peer ends the connection; failing if it holds the connection past T."""
-    deadline = time.monotonic() + T
-    got = []
-    while True:
-        left = deadline - time.monotonic()
-        assert left > 0, f"the daemon held the client for {T} s (after {b''.join(got)[-300:]!r})"
-        sock.settimeout(left)
-        try:
-            b = sock.recv(65536)
-        except ConnectionResetError:
-            return b"".join(got)
-        except TimeoutError:
-            continue
-        if not b:
-            return b"".join(got)
-        got.append(b)
-
-
 @dataclass
 class Got:
     """What the client got: `whole` (one complete answer and nothing after it) or a cut one (the connection ended
@@ -261,7 +241,7 @@ def through_daemon(dm: Daemon, parts: list[bytes], then: str, deadline_s: float,
                    % (method.encode(), base64.urlsafe_b64encode(script), deadline_s))
     with socket.create_connection(("127.0.0.1", dm.port), timeout=T) as s:
         s.sendall(request)
-        raw = read_to_eof(s)
+        raw = read_to_eof(s, T)
     got = parse(raw, method)
     err = got.error
     if err is None or err["type"] not in DAEMON_REFUSALS:  # (a refused request never reached the worker)

@@ -33,6 +33,8 @@ import os
 import sys
 from urllib.parse import parse_qs, urlsplit
 
+from raw_http import read_request  # (a sibling module: this worker runs as a script)
+
 MAX_HEAD = 64 * 1024
 PIECE = 64 * 1024
 
@@ -53,7 +55,7 @@ class HostileWorker:
                 request = await read_request(reader)
                 if request is None:
                     return
-                method, target = request
+                method, target, _ = request
                 keep = await self.answer(method, target, conn, reader, writer)
                 if not keep:
                     return
@@ -150,38 +152,6 @@ class HostileWorker:
 
 def plain(status: int, body: bytes, conn: int) -> bytes:
     return b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nX-Conn: %d\r\n\r\n%s" % (status, len(body), conn, body)
-
-
-async def read_request(reader: asyncio.StreamReader) -> tuple[str, str] | None:
-    """Read one request (head and body); None at a clean end of the connection."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial:
-            raise
-        return None
-    except asyncio.LimitOverrunError:
-        raise ValueError("request head too long") from None
-    lines = head.decode("latin-1").split("\r\n")
-    method, target, _ = lines[0].split(" ", 2)
-    length = 0
-    chunked = False
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        if name == "content-length":
-            length = int(value)
-        elif name == "transfer-encoding" and "chunked" in value.lower():
-            chunked = True
-    if chunked:
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            await reader.readexactly(size + 2)
-            if size == 0:
-                break
-    elif length:
-        await reader.readexactly(length)
-    return method, target
 
 
 async def serve(path: str) -> None:

@@ -29,6 +29,8 @@ import os
 import sys
 from urllib.parse import parse_qs, urlsplit
 
+from raw_http import read_request  # (a sibling module: this worker runs as a script)
+
 MAX_HEAD = 64 * 1024
 
 
@@ -131,41 +133,6 @@ class ScriptWorker:
 
 def plain(status: int, body: bytes) -> bytes:
     return b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
-
-
-async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] | None:
-    """Read one request: (method, target, body); None at a clean end of the connection."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial:
-            raise
-        return None
-    except asyncio.LimitOverrunError:
-        raise ValueError("request head too long") from None
-    lines = head.decode("latin-1").split("\r\n")
-    method, target, _ = lines[0].split(" ", 2)
-    length = 0
-    chunked = False
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        if name == "content-length":
-            length = int(value)
-        elif name == "transfer-encoding" and "chunked" in value.lower():
-            chunked = True
-    body = b""
-    if chunked:
-        pieces = []
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            pieces.append((await reader.readexactly(size + 2))[:-2])
-            if size == 0:
-                break
-        body = b"".join(pieces)
-    elif length:
-        body = await reader.readexactly(length)
-    return method, target, body
 
 
 async def serve(path: str, control: str) -> None:

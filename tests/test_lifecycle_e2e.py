@@ -269,3 +269,34 @@ async def test_a_worker_started_again_is_never_logged_with_the_pid_of_the_one_be
     assert pids[0] != pids[1]
     starts = sp.events("worker_state", old="unloaded", new="starting")
     assert len(starts) == 2 and [e["worker_pid"] for e in starts] == [None, None]
+
+
+async def test_a_worker_that_floods_its_output_gets_a_bounded_log_and_keeps_its_last_lines(supervisor_factory):
+    """A worker printing in a loop must not take the daemon (its event loop, its log's disk) with it: past a
+    burst and a rate its lines are counted, not logged; every line is either logged or counted, and the
+    last ones still tell why it exited."""
+    import time
+
+    from supervisor.fleet.proc import OUTPUT_BURST, OUTPUT_PER_S
+
+    n = 50_000
+    sp = await supervisor_factory(fast_config())
+    pid = await sp.worker_pid()
+    began = time.monotonic()
+    async with sp.session.get(f"/log?msg=flood&lines={n}&stream=stdout") as r:
+        assert r.status == 200
+    await sp.wait_log("worker_output_dropped", timeout=30, stream="stdout")
+    async with sp.session.get("/hello") as r:  # the daemon still serves
+        assert r.status == 200
+    kill_quiet(pid)
+    exited = await sp.wait_log("worker_exited", worker_pid=pid, timeout=30)
+    assert exited["tail"][-1] == f"flood {n - 1}", exited["tail"]
+
+    def logged() -> int:
+        return sum(1 for e in sp.events("worker_output", worker_pid=pid) if e.get("line", "").startswith("flood"))
+
+    def accounted() -> bool:  # (the last count is said when the worker's output ends)
+        return logged() + sum(e["lines"] for e in sp.events("worker_output_dropped", worker_pid=pid,
+                                                             stream="stdout")) == n
+    await wait_until(accounted, 10, "every flood line logged or counted")
+    assert logged() <= OUTPUT_BURST + OUTPUT_PER_S * (time.monotonic() - began) + 1

@@ -20,6 +20,7 @@ from .process import (
     MAX_SOCKET_PATH,
     OOM_ANSWER_WINDOW_S,
     SETPRIV,
+    TAIL_LINES,
     ExitEvidence,
     ExitInfo,
     Incarnation,
@@ -56,20 +57,59 @@ async def exec_process(inc: Incarnation, cmd: list[str], env: dict[str, str], cw
     )
 
 
+OUTPUT_BURST = 1000  # worker output lines logged at once, per stream, and ...
+OUTPUT_PER_S = 100.0  # ... per second after that; past it lines are counted (worker_output_dropped), not logged:
+# a worker printing in a loop would otherwise take the daemon's event loop (and the log's disk) with it
+OUTPUT_READ = 1 << 16
+OUTPUT_LINE_MAX = 1 << 20  # a line with no end in sight is taken as it is at this length
+
+
 async def pump_output(inc: Incarnation, stream: asyncio.StreamReader | None, blog) -> None:
-    """Each line it writes, logged (worker_output) and kept in its tail for the exit's reason."""
+    """Each line it writes, logged (worker_output, within OUTPUT_BURST and OUTPUT_PER_S) and kept in its
+    tail for the exit's reason (the last lines always, logged or not)."""
     if stream is None:
         return
+    allowance, at = float(OUTPUT_BURST), time.monotonic()
+    dropped, said_at = 0, at
+    rest = b""
     while True:
-        try:
-            raw = await stream.readline()
-        except ValueError:  # a line longer than the limit: take what is there
-            raw = await stream.read(1 << 20)
-        if not raw:
+        if dropped:  # lines counted and not said yet: said within a second, even if the worker falls silent
+            try:
+                data = await asyncio.wait_for(stream.read(OUTPUT_READ), max(0.0, said_at + 1.0 - time.monotonic()))
+            except TimeoutError:
+                blog.warning("worker_output_dropped", lines=dropped, burst=OUTPUT_BURST, per_s=OUTPUT_PER_S)
+                dropped, said_at = 0, time.monotonic()
+                continue
+        else:
+            data = await stream.read(OUTPUT_READ)
+        if data:
+            rest += data
+            lines = rest.split(b"\n")
+            rest = lines.pop()
+            if len(rest) >= OUTPUT_LINE_MAX:
+                lines.append(rest)
+                rest = b""
+        else:
+            lines, rest = ([rest] if rest else []), b""
+        now = time.monotonic()
+        if lines:
+            allowance = min(float(OUTPUT_BURST), allowance + (now - at) * OUTPUT_PER_S)
+            at = now
+            logged = min(len(lines), int(allowance))
+            allowance -= logged
+            for raw in lines[:logged]:
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                inc.tail.append(line)
+                blog.info("worker_output", line=line)
+            if logged < len(lines):
+                dropped += len(lines) - logged
+                for raw in lines[max(logged, len(lines) - TAIL_LINES):]:
+                    inc.tail.append(raw.decode("utf-8", "replace").rstrip("\r"))
+        if dropped and (not data or now - said_at >= 1.0):
+            blog.warning("worker_output_dropped", lines=dropped, burst=OUTPUT_BURST, per_s=OUTPUT_PER_S)
+            dropped, said_at = 0, now
+        if not data:
             return
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        inc.tail.append(line)
-        blog.info("worker_output", line=line)
 
 
 async def get(inc: Incarnation, path: str, timeout: float, read_body: bool) -> tuple[bool, str, bytes]:

@@ -346,13 +346,17 @@ class FakeReplica:
         self.ended.append((inc, self.inflight.pop(id(ex)) is ex, oom))
 
 
-def test_an_exchange_is_the_replicas_in_flight_record_and_tells_each_thing_once():
-    s = cfg.parse("")
-    freed = []
+def exchange_on_a_fake_replica():
+    """An Exchange of a call on FakeReplica, its queue a FakeQueue: (exchange, replica, call, freed slots)."""
+    freed: list = []
     call = Call("r", 0.0, "GET", "/", 2)
     call.group = type("G", (), {"queue": FakeQueue()})()
     replica = FakeReplica()
-    ex = Exchange(Wire(s, lambda: freed.append(1)), call, replica, "ticket-1")
+    return Exchange(Wire(cfg.parse(""), lambda: freed.append(1)), call, replica, "ticket-1"), replica, call, freed
+
+
+def test_an_exchange_is_the_replicas_in_flight_record_and_tells_each_thing_once():
+    ex, replica, call, freed = exchange_on_a_fake_replica()
     assert replica.inflight == {id(ex): ex} and ex.inc == "inc-1"
     assert ex.last_activity(ex.started + 5) == ex.started  # hang detection reads it (no connection yet)
     ex.status, ex.oom = 503, True
@@ -439,12 +443,7 @@ async def test_a_queued_call_granted_in_time_holds_its_slot():
 async def test_an_attempt_the_supervisor_had_no_descriptor_for_is_overloaded_and_not_the_workers_failure():
     from supervisor.upstream import UpstreamError
 
-    s = cfg.parse("")
-    freed = []
-    call = Call("r", 0.0, "GET", "/", 2)
-    call.group = type("G", (), {"queue": FakeQueue()})()
-    replica = FakeReplica()
-    ex = Exchange(Wire(s, lambda: freed.append(1)), call, replica, "ticket-1")
+    ex, replica, call, freed = exchange_on_a_fake_replica()
 
     async def no_descriptor():
         raise UpstreamError("local", "the supervisor has no resources to connect to its worker now "
